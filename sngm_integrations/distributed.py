@@ -1,0 +1,150 @@
+"""Squared gradient norms that are correct when parameters are sharded.
+
+SNGM divides by the norm of the *whole* model's gradient. When each rank holds only
+part of the parameters, a norm over the local tensors is wrong unless it is reduced:
+
+* DDP: every rank holds full, already averaged gradients. Nothing to do.
+* DTensor parameters (FSDP2 ``fully_shard``, tensor parallel): the squared norms of the
+  local shards are summed over the mesh dimensions on which the tensor is sharded.
+  Replicated dimensions are not summed (that would count a shard twice).
+* Flat shards (FSDP1 with ``use_orig_params``, DeepSpeed ZeRO-1/2): the optimizer's
+  plain tensors are disjoint pieces of the model; with ``process_group`` given, their
+  squared norms are summed over that group.
+
+Every function here issues at most one all-reduce per kind of sharding per call, never
+one per tensor, and none of them synchronises the host with the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Partial, Shard
+except ImportError:  # torch < 2.5 keeps DTensor in a private module
+    from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+    from torch.distributed._tensor.placement_types import (  # type: ignore[no-redef]
+        Partial,
+        Shard,
+    )
+
+__all__ = [
+    "global_squared_norm",
+    "is_dtensor",
+    "local_tensor",
+    "per_tensor_squared_norms",
+]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def is_dtensor(tensor: Tensor) -> bool:
+    """Return True when ``tensor`` is a DTensor (a sharded or replicated tensor)."""
+    return isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` held by this rank (the tensor itself unless it is a DTensor)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _local_squared_norms(tensors: Sequence[Tensor], acc_dtype: torch.dtype) -> list[Tensor]:
+    """Squared L2 norm of each tensor, as 0-dim ``acc_dtype`` tensors in input order.
+
+    Tensors are grouped by device and dtype so that each group costs one foreach kernel;
+    half-precision tensors are accumulated in ``acc_dtype`` (float32 or wider).
+    """
+    out: list[Tensor | None] = [None] * len(tensors)
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_kind.setdefault((t.device, t.dtype), []).append(i)
+    for (_, dtype), indices in by_kind.items():
+        norm_dtype = acc_dtype if dtype in _HALF_DTYPES else None
+        norms = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=norm_dtype)
+        for i, norm in zip(indices, norms):
+            out[i] = norm.to(acc_dtype).square()
+    return [t for t in out if t is not None]
+
+
+def _shard_groups(tensor: DTensor) -> list[dist.ProcessGroup]:
+    """Process groups of the mesh dimensions over which ``tensor``'s values are split."""
+    mesh = tensor.device_mesh
+    return [
+        mesh.get_group(dim)
+        for dim, placement in enumerate(tensor.placements)
+        if isinstance(placement, (Shard, Partial))
+    ]
+
+
+def _dtensor_squared_norms(tensors: Sequence[Tensor], acc_dtype: torch.dtype) -> list[Tensor]:
+    """Squared norms of full DTensors, in input order: one all-reduce per layout."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    by_layout: dict[tuple[object, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        assert isinstance(t, DTensor)
+        by_layout.setdefault((t.device_mesh, tuple(t.placements)), []).append(i)
+    for indices in by_layout.values():
+        first = tensors[indices[0]]
+        assert isinstance(first, DTensor)
+        sq = torch.stack(
+            _local_squared_norms([local_tensor(tensors[i]) for i in indices], acc_dtype)
+        )
+        for group in _shard_groups(first):
+            dist.all_reduce(sq, group=group)
+        for i, value in zip(indices, sq.unbind()):
+            out[i] = value
+    return [t for t in out if t is not None]
+
+
+def per_tensor_squared_norms(tensors: Sequence[Tensor], acc_dtype: torch.dtype) -> list[Tensor]:
+    """Squared L2 norm of each full tensor, as 0-dim ``acc_dtype`` tensors in input order.
+
+    DTensors are measured over their full extent; plain tensors are taken as whole.
+    """
+    dtensors = [isinstance(t, DTensor) for t in tensors]
+    if not any(dtensors):
+        return _local_squared_norms(tensors, acc_dtype)
+    if all(dtensors):
+        return _dtensor_squared_norms(tensors, acc_dtype)
+    raise ValueError(
+        "per-tensor norms need all parameters to be DTensors or none of them; got a mix"
+    )
+
+
+def _sum_on(values: Sequence[Tensor], device: torch.device) -> Tensor:
+    return torch.stack([v.to(device, non_blocking=True) for v in values]).sum()
+
+
+def global_squared_norm(
+    tensors: Sequence[Tensor],
+    acc_dtype: torch.dtype,
+    process_group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """Squared L2 norm of all ``tensors`` taken together, as a 0-dim ``acc_dtype`` tensor.
+
+    Args:
+        tensors: Plain tensors or DTensors. DTensors count over their full extent.
+        acc_dtype: Accumulation dtype (float32 for half precision, float64 for float64).
+        process_group: When given, plain tensors are taken to be this rank's disjoint
+            flat shards of the model, and their squared norm is summed over the group.
+
+    Returns:
+        A 0-dim tensor on the device of the first tensor's local data.
+    """
+    device = local_tensor(tensors[0]).device
+    plain = [t for t in tensors if not isinstance(t, DTensor)]
+    sharded = [t for t in tensors if isinstance(t, DTensor)]
+    totals: list[Tensor] = []
+    if plain:
+        plain_total = _sum_on(_local_squared_norms(plain, acc_dtype), device)
+        if process_group is not None:
+            dist.all_reduce(plain_total, group=process_group)
+        totals.append(plain_total)
+    if sharded:
+        totals.append(_sum_on(_dtensor_squared_norms(sharded, acc_dtype), device))
+    return _sum_on(totals, device)

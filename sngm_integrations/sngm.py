@@ -1,0 +1,593 @@
+r"""SNGM: stochastic normalized gradient descent with momentum.
+
+Zhao, Shi, Xie and Li, "Stochastic Normalized Gradient Descent with Momentum for
+Large-Batch Training" (arXiv:2007.13985). One step, for the gradient :math:`g_t` of the
+whole model (all parameter groups together) is
+
+.. math::
+
+    d_t &= g_t + \lambda w_t \\
+    u_{t+1} &= \beta u_t + d_t / \lVert d_t \rVert \\
+    w_{t+1} &= w_t - \eta\, u_{t+1}
+
+This module follows the layout of ``torch.optim.SGD``: :class:`SNGM` validates arguments
+and gathers tensors; the functional :func:`sngm` computes the norm once and dispatches to
+``_single_tensor_sngm`` (a readable per-tensor loop), ``_multi_tensor_sngm`` (foreach
+kernels) or ``_fused_sngm`` (torch's fused SGD kernel, fed the norm as its ``grad_scale``).
+:mod:`sngm_integrations.reference` holds a literal twin that the tests hold all three to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+from sngm_integrations.distributed import (
+    global_squared_norm,
+    local_tensor,
+    per_tensor_squared_norms,
+)
+
+__all__ = ["SNGM", "SNGMParamGroup", "SNGMStepStats", "sngm"]
+
+NORMALIZE_MODES = ("global", "layer")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _validate_hyperparameters(
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    normalize: str,
+    eps: float,
+) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr must be a float or a one-element Tensor, got lr={lr}")
+        lr_value = float(lr)  # validation runs once, at construction, never in step()
+    else:
+        lr_value = float(lr)
+    if not lr_value >= 0.0:
+        raise ValueError(f"Invalid learning rate: lr={lr} (must be >= 0)")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(
+            f"Invalid momentum: momentum={momentum} (SNGM needs 0 <= momentum < 1)"
+        )
+    if not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay: weight_decay={weight_decay} (must be >= 0)")
+    if not eps > 0.0:
+        raise ValueError(f"Invalid eps: eps={eps} (must be > 0)")
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(
+            f"Invalid normalize: normalize={normalize!r} (choose one of {NORMALIZE_MODES})"
+        )
+    if nesterov and momentum == 0.0:
+        raise ValueError(
+            f"Invalid nesterov: nesterov={nesterov} needs momentum > 0, got momentum={momentum}"
+        )
+
+
+class SNGM(Optimizer):
+    r"""Stochastic normalized gradient descent with momentum (Zhao et al., 2020).
+
+    For the gradient :math:`g_t` of all parameters this optimizer holds, in every group:
+
+    .. math::
+
+        d_t &= \pm g_t + \lambda\, w_t
+              \qquad (\lambda: \text{the group's weight\_decay}; -g_t \text{ if maximize}) \\
+        u_{t+1} &= \beta\, u_t + d_t / \max(\lVert d_t \rVert, \epsilon) \\
+        w_{t+1} &= w_t - \eta\, u_{t+1}
+              \qquad (\text{nesterov: } w_t - \eta\,(\beta u_{t+1} + d_t/\lVert d_t\rVert))
+
+    :math:`\lVert d_t \rVert` is **one** L2 norm over every tensor of every parameter group
+    (``normalize="global"``, the paper's algorithm). Weight decay is folded into the
+    gradient before the norm, as ``torch.optim.SGD`` does, so the step normalizes the
+    gradient of the regularized objective the paper analyses.
+
+    Learning rates are not MSGD learning rates. There is no dampening, so the momentum
+    buffer's norm approaches :math:`1/(1-\beta)` (10 for :math:`\beta = 0.9`), and every
+    step moves the weights by about :math:`\eta/(1-\beta)` whatever the gradient's size.
+    Typical SNGM learning rates for vision models are 0.1 to 2 with :math:`\beta = 0.9`.
+
+    Because the gradient is divided by its norm, multiplying every gradient by one positive
+    number changes nothing (up to ``eps``, and apart from the folded weight decay): norm
+    clipping, loss division by accumulation steps and AMP loss scales are no-ops.
+
+    A step whose gradient norm is not finite (an inf or nan anywhere) is skipped on the
+    device, without a host synchronisation: parameters and momentum buffers keep their
+    exact values, and :attr:`skipped_steps` counts it.
+
+    Args:
+        params: Parameters or parameter groups (dicts) to optimize.
+        lr: Learning rate :math:`\eta` (a float, or a one-element Tensor).
+        momentum: :math:`\beta` in [0, 1). Kept under the key ``"momentum"`` in every group.
+        weight_decay: L2 penalty :math:`\lambda`, folded into the gradient before the norm.
+        nesterov: Use Nesterov momentum (needs ``momentum > 0``).
+        normalize: ``"global"`` (the paper: one norm over all parameters) or ``"layer"``
+            (each tensor divided by its own norm, a LARS-like variant that is *not* the
+            paper's algorithm).
+        eps: Floor of the norm: a gradient with norm below ``eps`` is divided by ``eps``,
+            so a zero gradient gives a zero step instead of ``0/0``.
+        maximize: Maximize the objective instead of minimizing it.
+        foreach: Use the foreach (multi-tensor) implementation.
+        fused: Use the fused implementation (torch's fused SGD kernel). The default, when
+            neither ``foreach`` nor ``fused`` is given, is fused on devices torch has fused
+            kernels for (CPU and CUDA among them), otherwise foreach.
+        process_group: For flat-sharded optimizers (FSDP1 with ``use_orig_params``,
+            DeepSpeed ZeRO-1/2), the group over which each rank's shards are summed to give
+            the global norm. Leave ``None`` for one process, DDP and DTensor (FSDP2)
+            parameters, which are handled without it.
+
+    .. warning::
+        The fused implementation overwrites each ``p.grad`` of a group without weight
+        decay with the normalized gradient :math:`g/\lVert d\rVert` (torch's fused kernel
+        writes the scaled gradient back; saving that copy is what makes it fast). The
+        direction is unchanged and ``zero_grad()`` clears it as usual, but code that reads
+        ``p.grad`` *after* ``step()`` sees the normalized values. Pass ``foreach=True`` to
+        leave gradients untouched. Skipped (non-finite) steps leave gradients as they were.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = SNGM(model.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        nesterov: bool = False,
+        normalize: str = "global",
+        eps: float = 1e-8,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        _validate_hyperparameters(lr, momentum, weight_decay, nesterov, normalize, eps)
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True cannot both be set: choose one")
+        if process_group is not None and normalize == "layer":
+            raise ValueError(
+                "normalize='layer' cannot be used with process_group (flat-sharded "
+                "parameters): a shard's norm is not its tensor's norm"
+            )
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            normalize=normalize,
+            eps=eps,
+            foreach=foreach,
+            fused=fused,
+        )
+        self.process_group = process_group
+        self.last_grad_norm: Tensor | None = None
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group; its hyperparameters are validated like the constructor's."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_hyperparameters(
+            group["lr"],
+            group["momentum"],
+            group["weight_decay"],
+            group["nesterov"],
+            group["normalize"],
+            group["eps"],
+        )
+        first = self.param_groups[0]
+        for key in ("normalize", "eps"):
+            if group[key] != first[key]:
+                raise ValueError(
+                    f"{key} must be the same in every param group (the norm is shared): "
+                    f"got {key}={group[key]!r} and {key}={first[key]!r}"
+                )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("last_grad_norm", None)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("normalize", "global")
+            group.setdefault("eps", 1e-8)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state = dict(state)
+        state["process_group"] = None  # process groups cannot be copied or pickled
+        return state
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped because the gradient norm was not finite.
+
+        Reading it synchronises the host with the device; the optimizer never does.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                counter = self.state.get(p, {}).get("skipped_steps")
+                if counter is not None:
+                    return int(counter.item())
+        return 0
+
+    def _init_group(self, group: dict[str, Any]) -> SNGMParamGroup | None:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        buffers: list[Tensor] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    "SNGM does not support sparse gradients; use dense gradients "
+                    "(for nn.Embedding, sparse=False)"
+                )
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["skipped_steps"] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
+            buffer = state["momentum_buffer"]
+            grad = p.grad
+            if torch.is_complex(p):
+                p, grad, buffer = (torch.view_as_real(t) for t in (p, grad, buffer))
+            params.append(p)
+            grads.append(grad)
+            buffers.append(buffer)
+        if not params:
+            return None
+        return SNGMParamGroup(
+            params=params,
+            grads=grads,
+            momentum_buffers=buffers,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Take one SNGM step.
+
+        Args:
+            closure: Optional callable that recomputes the loss (and its gradients). It is
+                called exactly once, with gradients enabled, and its result is returned.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        groups = [g for g in (self._init_group(group) for group in self.param_groups) if g]
+        if not groups:
+            return loss
+        first = self.param_groups[0]
+        stats = sngm(
+            groups,
+            normalize=first["normalize"],
+            eps=first["eps"],
+            process_group=self.process_group,
+            foreach=first["foreach"],
+            fused=first["fused"],
+        )
+        self.last_grad_norm = stats.grad_norm
+        counters = [
+            self.state[p]["skipped_steps"]
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        _add_on_each_device(counters, stats.found_inf)
+        return loss
+
+
+@dataclass
+class SNGMParamGroup:
+    """The tensors and hyperparameters of one parameter group, for :func:`sngm`."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    momentum_buffers: list[Tensor]
+    lr: float | Tensor
+    momentum: float
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+
+
+class SNGMStepStats(NamedTuple):
+    """What one SNGM step measured, as device tensors (reading them synchronises)."""
+
+    grad_norm: Tensor
+    """The global norm of the (weight-decayed) gradient, :math:`\\lVert d_t \\rVert`."""
+    found_inf: Tensor
+    """1.0 when the step was skipped because the norm was not finite, else 0.0."""
+
+
+class _Directions(NamedTuple):
+    """Per group: the vectors to normalize, and the sign the gradient still needs."""
+
+    vectors: list[list[Tensor]]
+    signs: list[float]
+
+
+def _descent_directions(groups: Sequence[SNGMParamGroup]) -> _Directions:
+    """``d = ±g + λw`` for each group, without copying ``g`` when ``λ = 0``.
+
+    With ``λ = 0`` the vector is the gradient itself and the sign of ``maximize`` is left to
+    the update (the norm does not depend on it); with ``λ > 0`` the sign is folded in.
+    """
+    vectors: list[list[Tensor]] = []
+    signs: list[float] = []
+    for group in groups:
+        if group.weight_decay == 0.0:
+            vectors.append(group.grads)
+            signs.append(-1.0 if group.maximize else 1.0)
+            continue
+        grads = torch._foreach_neg(group.grads) if group.maximize else group.grads
+        vectors.append(list(torch._foreach_add(grads, group.params, alpha=group.weight_decay)))
+        signs.append(1.0)
+    return _Directions(vectors, signs)
+
+
+def _accumulation_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+class _Scale(NamedTuple):
+    """The device scalars of one step: the norm, whether it is finite, and 1/norm."""
+
+    grad_norm: Tensor
+    finite: Tensor
+    found_inf: Tensor  # float32: 1.0 when the step is skipped
+    inverse_norms: list[Tensor]  # one per tensor ("layer") or a single one ("global")
+    norm_floor: Tensor | None  # max(norm, eps), for "global" only
+
+
+def _compute_scale(
+    vectors: Sequence[Tensor],
+    normalize: str,
+    eps: float,
+    process_group: dist.ProcessGroup | None,
+) -> _Scale:
+    acc_dtype = _accumulation_dtype(vectors)
+    if normalize == "global":
+        norm = global_squared_norm(vectors, acc_dtype, process_group).sqrt()
+        finite = torch.isfinite(norm)
+        floor = norm.clamp(min=eps)
+        inverse = torch.where(finite, floor.reciprocal(), 0.0)
+        return _Scale(norm, finite, (~finite).to(torch.float32), [inverse], floor)
+    if process_group is not None:
+        raise ValueError(
+            "normalize='layer' cannot be used with process_group (flat-sharded parameters)"
+        )
+    norms = torch.stack(per_tensor_squared_norms(vectors, acc_dtype)).sqrt()
+    finite = torch.isfinite(norms).all()
+    inverse = torch.where(finite, norms.clamp(min=eps).reciprocal(), 0.0)
+    grad_norm = norms.square().sum().sqrt()
+    return _Scale(grad_norm, finite, (~finite).to(torch.float32), list(inverse.unbind()), None)
+
+
+class _OnDevice:
+    """Caches copies of the step's device scalars on each device that holds parameters."""
+
+    def __init__(self) -> None:
+        # The source tensor is kept alive with its copy, so that its id stays unique.
+        self._cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, value: Tensor, device: torch.device) -> Tensor:
+        if value.device == device:
+            return value
+        key = (id(value), device)
+        if key not in self._cache:
+            self._cache[key] = (value, value.to(device, non_blocking=True))
+        return self._cache[key][1]
+
+
+def _default_to_fused(groups: Sequence[SNGMParamGroup]) -> bool:
+    supported = _get_fused_kernels_supported_devices()
+    return all(
+        local_tensor(p).device.type in supported and p.is_floating_point()
+        for group in groups
+        for p in group.params
+    )
+
+
+def sngm(
+    groups: Sequence[SNGMParamGroup],
+    *,
+    normalize: str = "global",
+    eps: float = 1e-8,
+    process_group: dist.ProcessGroup | None = None,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> SNGMStepStats:
+    r"""Functional SNGM: update ``groups`` in place with one shared gradient norm.
+
+    See :class:`SNGM` for the algorithm. The norm is computed once (on the device, reduced
+    over shards when needed), then every group is updated by the chosen implementation.
+
+    Returns:
+        The step's gradient norm and whether it was skipped, as device tensors.
+    """
+    if fused and foreach:
+        raise ValueError("fused=True and foreach=True cannot both be set: choose one")
+    if fused is None and foreach is None:
+        fused = _default_to_fused(groups)
+    if fused:
+        supported = _get_fused_kernels_supported_devices()
+        for group in groups:
+            for p in group.params:
+                device = local_tensor(p).device
+                if device.type not in supported or not p.is_floating_point():
+                    raise RuntimeError(
+                        f"fused=True needs floating-point parameters on one of {supported}; "
+                        f"got a {p.dtype} parameter on {device}"
+                    )
+        implementation = _fused_sngm
+    elif foreach:
+        implementation = _multi_tensor_sngm
+    else:
+        implementation = _single_tensor_sngm
+
+    directions = _descent_directions(groups)
+    scale = _compute_scale(
+        [v for vectors in directions.vectors for v in vectors], normalize, eps, process_group
+    )
+    implementation(groups, directions, scale)
+    return SNGMStepStats(scale.grad_norm, scale.found_inf)
+
+
+def _inverse_norms_for(scale: _Scale, start: int, count: int) -> list[Tensor]:
+    """The inverse norms of ``count`` tensors that start at flat index ``start``."""
+    if len(scale.inverse_norms) == 1:
+        return scale.inverse_norms * count
+    return scale.inverse_norms[start : start + count]
+
+
+def _single_tensor_sngm(
+    groups: Sequence[SNGMParamGroup], directions: _Directions, scale: _Scale
+) -> None:
+    """One tensor at a time: the readable implementation."""
+    to_device = _OnDevice()
+    start = 0
+    for group, vectors, sign in zip(groups, directions.vectors, directions.signs):
+        inverses = _inverse_norms_for(scale, start, len(vectors))
+        start += len(vectors)
+        beta = group.momentum
+        for p, d, u, inverse in zip(group.params, vectors, group.momentum_buffers, inverses):
+            p, d, u = local_tensor(p), local_tensor(d), local_tensor(u)
+            finite = to_device(scale.finite, p.device)
+            normalized = d * (to_device(inverse, p.device) * sign)
+            new_u = u * beta + normalized
+            update = normalized + beta * new_u if group.nesterov else new_u
+            lr = to_device(group.lr, p.device) if isinstance(group.lr, Tensor) else group.lr
+            new_p = p - lr * update
+            u.copy_(torch.where(finite, new_u, u))
+            p.copy_(torch.where(finite, new_p, p))
+
+
+def _grouped_by_device_and_dtype(
+    group: SNGMParamGroup, vectors: list[Tensor], inverses: list[Tensor]
+) -> Iterable[tuple[torch.device, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]]:
+    """Local params, vectors, buffers and inverse norms, bucketed for foreach kernels."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    locals_ = [local_tensor(p) for p in group.params]
+    for i, p in enumerate(locals_):
+        buckets.setdefault((p.device, p.dtype), []).append(i)
+    for (device, _), idx in buckets.items():
+        yield (
+            device,
+            [locals_[i] for i in idx],
+            [local_tensor(vectors[i]) for i in idx],
+            [local_tensor(group.momentum_buffers[i]) for i in idx],
+            [inverses[i] for i in idx],
+        )
+
+
+def _multi_tensor_sngm(
+    groups: Sequence[SNGMParamGroup], directions: _Directions, scale: _Scale
+) -> None:
+    """Foreach kernels over each bucket of tensors that share a device and a dtype."""
+    to_device = _OnDevice()
+    start = 0
+    for group, vectors, sign in zip(groups, directions.vectors, directions.signs):
+        inverses = _inverse_norms_for(scale, start, len(vectors))
+        start += len(vectors)
+        beta = group.momentum
+        for device, params, vecs, bufs, invs in _grouped_by_device_and_dtype(
+            group, vectors, inverses
+        ):
+            scalar_dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+            keep = to_device(scale.finite, device).to(scalar_dtype)
+            if len(scale.inverse_norms) == 1:
+                normalized = list(torch._foreach_mul(vecs, to_device(invs[0], device) * sign))
+            else:
+                normalized = list(
+                    torch._foreach_mul(vecs, [to_device(i, device) * sign for i in invs])
+                )
+            # On a skipped step the inverse norm is 0, but 0 * inf is nan: clear those.
+            for t in normalized:
+                t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            torch._foreach_mul_(bufs, 1.0 + keep * (beta - 1.0))
+            torch._foreach_add_(bufs, normalized)
+            if group.nesterov:
+                update = torch._foreach_add(normalized, torch._foreach_mul(bufs, beta))
+            else:
+                update = bufs
+            lr = to_device(group.lr, device) if isinstance(group.lr, Tensor) else group.lr
+            torch._foreach_add_(params, torch._foreach_mul(update, -lr * keep))
+
+
+def _fused_sngm(groups: Sequence[SNGMParamGroup], directions: _Directions, scale: _Scale) -> None:
+    """Torch's fused SGD kernel with the norm as ``grad_scale`` and the skip as ``found_inf``.
+
+    The kernel divides the gradient by ``grad_scale`` on the device, so the normalized
+    gradient is never materialized: after the norm's one read of the gradient, the kernel
+    reads p, g and u and writes p and u (and g, see the warning in :class:`SNGM`). The
+    scale is a float32 input of the kernel; float64 tensors and ``normalize="layer"``
+    are therefore normalized beforehand, into a temporary.
+    """
+    to_device = _OnDevice()
+    start = 0
+    for group, vectors, sign in zip(groups, directions.vectors, directions.signs):
+        inverses = _inverse_norms_for(scale, start, len(vectors))
+        start += len(vectors)
+        for device, params, vecs, bufs, invs in _grouped_by_device_and_dtype(
+            group, vectors, inverses
+        ):
+            grad_scale: Tensor | None = None
+            maximize = sign < 0
+            if scale.norm_floor is not None and params[0].dtype != torch.float64:
+                grad_scale = to_device(scale.norm_floor.to(torch.float32), device)
+            else:
+                scales = [to_device(i, device) * sign for i in invs]
+                vecs = list(torch._foreach_mul(vecs, scales))
+                maximize = False
+            lr = to_device(group.lr, device) if isinstance(group.lr, Tensor) else group.lr
+            torch._fused_sgd_(
+                params,
+                vecs,
+                bufs,
+                weight_decay=0.0,
+                momentum=group.momentum,
+                lr=cast(Any, lr),
+                dampening=0.0,
+                nesterov=group.nesterov,
+                maximize=maximize,
+                is_first_step=False,
+                grad_scale=grad_scale,
+                found_inf=to_device(scale.found_inf, device),
+            )
+
+
+def _add_on_each_device(counters: list[Tensor], value: Tensor) -> None:
+    to_device = _OnDevice()
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for counter in counters:
+        by_device.setdefault(counter.device, []).append(counter)
+    for device, tensors in by_device.items():
+        torch._foreach_add_(tensors, to_device(value, device))
+
