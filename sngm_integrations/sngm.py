@@ -570,7 +570,7 @@ def _fused_sngm(groups: Sequence[SNGMParamGroup], directions: _Directions, scale
             torch._fused_sgd_(
                 params,
                 vecs,
-                bufs,
+                bufs if group.momentum != 0.0 else [],  # the kernel takes none without momentum
                 weight_decay=0.0,
                 momentum=group.momentum,
                 lr=cast(Any, lr),
