@@ -128,12 +128,14 @@ class SNGM(Optimizer):
             parameters, which are handled without it.
 
     .. warning::
-        The fused implementation overwrites each ``p.grad`` of a group without weight
-        decay with the normalized gradient :math:`g/\lVert d\rVert` (torch's fused kernel
-        writes the scaled gradient back; saving that copy is what makes it fast). The
-        direction is unchanged and ``zero_grad()`` clears it as usual, but code that reads
-        ``p.grad`` *after* ``step()`` sees the normalized values. Pass ``foreach=True`` to
-        leave gradients untouched. Skipped (non-finite) steps leave gradients as they were.
+        The fused implementation (the default on CPU and CUDA) overwrites ``p.grad``: after
+        ``step()`` it holds the normalized direction :math:`d/\lVert d\rVert` (torch's
+        fused kernel writes the scaled gradient back, and weight decay is folded into the
+        gradient in place to save a copy; after a skipped step it holds :math:`d`). The
+        next ``zero_grad()`` clears it as usual, and norm clipping or loss scaling before
+        ``step()`` are unaffected, but code that reads ``p.grad`` *after* ``step()`` sees
+        these values. Pass ``foreach=True`` (or ``fused=False``) to leave gradients
+        untouched.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -333,11 +335,13 @@ class _Directions(NamedTuple):
     signs: list[float]
 
 
-def _descent_directions(groups: Sequence[SNGMParamGroup]) -> _Directions:
+def _descent_directions(groups: Sequence[SNGMParamGroup], in_place: bool) -> _Directions:
     """``d = ±g + λw`` for each group, without copying ``g`` when ``λ = 0``.
 
     With ``λ = 0`` the vector is the gradient itself and the sign of ``maximize`` is left to
-    the update (the norm does not depend on it); with ``λ > 0`` the sign is folded in.
+    the update (the norm does not depend on it); with ``λ > 0`` the sign is folded in, into
+    a new tensor, or into ``g`` itself when ``in_place`` (the fused path, which overwrites
+    ``g`` anyway and so saves an allocation and a pass).
     """
     vectors: list[list[Tensor]] = []
     signs: list[float] = []
@@ -346,8 +350,14 @@ def _descent_directions(groups: Sequence[SNGMParamGroup]) -> _Directions:
             vectors.append(group.grads)
             signs.append(-1.0 if group.maximize else 1.0)
             continue
-        grads = torch._foreach_neg(group.grads) if group.maximize else group.grads
-        vectors.append(list(torch._foreach_add(grads, group.params, alpha=group.weight_decay)))
+        if in_place:
+            if group.maximize:
+                torch._foreach_neg_(group.grads)
+            torch._foreach_add_(group.grads, group.params, alpha=group.weight_decay)
+            vectors.append(group.grads)
+        else:
+            grads = torch._foreach_neg(group.grads) if group.maximize else group.grads
+            vectors.append(list(torch._foreach_add(grads, group.params, alpha=group.weight_decay)))
         signs.append(1.0)
     return _Directions(vectors, signs)
 
@@ -452,7 +462,7 @@ def sngm(
     else:
         implementation = _single_tensor_sngm
 
-    directions = _descent_directions(groups)
+    directions = _descent_directions(groups, in_place=implementation is _fused_sngm)
     scale = _compute_scale(
         [v for vectors in directions.vectors for v in vectors], normalize, eps, process_group
     )

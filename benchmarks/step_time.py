@@ -1,0 +1,152 @@
+"""Optimizer step time: SNGM's implementations against torch.optim.SGD(momentum=0.9).
+
+The parameter shapes are those of ResNet-50 (25.6M parameters in 161 tensors), a
+GPT-2-medium-like stack (355M in 292 tensors) and a few large flat tensors. All optimizers
+share one set of parameters and gradients (each has its own momentum buffers) and are run
+in interleaved rounds, so that each sees the same machine state; the table reports the
+median milliseconds per step after warm-up and the ratio to fused SGD.
+
+    python benchmarks/step_time.py                        # CPU, every shape set
+    python benchmarks/step_time.py --device cuda --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from sngm_integrations import SNGM
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """Weights of torchvision's ResNet-50: convolutions, batch-norm affine pairs, the head."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    in_channels = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for block in range(blocks):
+            shapes += [(width, in_channels, 1, 1), (width,), (width,)]
+            shapes += [(width, width, 3, 3), (width,), (width,)]
+            shapes += [(4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            if block == 0:
+                shapes += [(4 * width, in_channels, 1, 1), (4 * width,), (4 * width,)]
+            in_channels = 4 * width
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def gpt2_medium_shapes(layers: int = 24, width: int = 1024, vocab: int = 50257) -> list[tuple[int, ...]]:
+    """Token and position embeddings, 24 pre-norm transformer blocks, the final norm."""
+    shapes: list[tuple[int, ...]] = [(vocab, width), (1024, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (width, 3 * width), (3 * width,), (width, width), (width,)]
+        shapes += [(width,), (width,), (width, 4 * width), (4 * width,), (4 * width, width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+SHAPE_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "resnet50": resnet50_shapes,
+    "gpt2-medium": gpt2_medium_shapes,
+    "flat-4x16M": lambda: [(16 * 2**20,)] * 4,
+}
+
+OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+    "SGD foreach": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True),
+    "SGD fused": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+    "SNGM single-tensor": lambda ps: SNGM(ps, lr=0.1, foreach=False, fused=False),
+    "SNGM foreach": lambda ps: SNGM(ps, lr=0.1, foreach=True),
+    "SNGM fused (default)": lambda ps: SNGM(ps, lr=0.1),
+    "SNGM fused + weight decay": lambda ps: SNGM(ps, lr=0.1, weight_decay=5e-4),
+}
+
+
+class Timer:
+    """Wall-clock on CPU, CUDA events on CUDA (no synchronisation between steps)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> object:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed_ms(self, start: object, end: object) -> float:
+        if self.cuda:
+            return start.elapsed_time(end)  # type: ignore[attr-defined]
+        return (end - start) * 1e3  # type: ignore[operator]
+
+
+def bench(shapes: list[tuple[int, ...]], device: torch.device, steps: int, warmup: int,
+          names: list[str]) -> dict[str, float]:  # fmt: skip
+    g = torch.Generator(device=device).manual_seed(0)
+    params = [torch.randn(s, device=device, generator=g).requires_grad_() for s in shapes]
+    grads = [torch.randn(s, device=device, generator=g) for s in shapes]
+    for p, grad in zip(params, grads):
+        p.grad = grad
+    optimizers = {name: OPTIMIZERS[name](params) for name in names}
+    timer = Timer(device)
+    samples: dict[str, list[tuple[object, object]]] = {name: [] for name in names}
+    for i in range(warmup + steps):
+        for name, optimizer in optimizers.items():
+            start = timer.start()
+            optimizer.step()
+            end = timer.start()
+            if i >= warmup:
+                samples[name].append((start, end))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {name: statistics.median(timer.elapsed_ms(s, e) for s, e in pairs) for name, pairs in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shapes", default=",".join(SHAPE_SETS), help=f"comma-separated, from {list(SHAPE_SETS)}")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated names")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per optimizer")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    names = args.optimizers.split(",")
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown:
+        parser.error(f"unknown --optimizers {unknown}; choose from {list(OPTIMIZERS)}")
+    machine = (
+        torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )  # fmt: skip
+    print(f"torch {torch.__version__}, device {device} ({machine}), median of {args.steps} steps "
+          f"after {args.warmup} warm-up, interleaved")  # fmt: skip
+    results: dict[str, dict[str, float]] = {}
+    for shape_set in args.shapes.split(","):
+        shapes = SHAPE_SETS[shape_set]()
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        label = f"{shape_set} ({numel / 1e6:.1f}M, {len(shapes)} tensors)"
+        results[label] = bench(shapes, device, args.steps, args.warmup, names)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    baseline = "SGD fused"
+    print()
+    print("| shapes | optimizer | ms / step | / SGD fused |")
+    print("|---|---|---:|---:|")
+    for label, timings in results.items():
+        for name, ms in timings.items():
+            ratio = f"{ms / timings[baseline]:.2f}x" if baseline in timings else "-"
+            print(f"| {label} | {name} | {ms:.3f} | {ratio} |")
+    if args.json:
+        args.json.write_text(json.dumps({"torch": torch.__version__, "device": machine, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
