@@ -27,11 +27,8 @@ try:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.placement_types import Partial, Shard
 except ImportError:  # torch < 2.5 keeps DTensor in a private module
-    from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
-    from torch.distributed._tensor.placement_types import (  # type: ignore[no-redef]
-        Partial,
-        Shard,
-    )
+    from torch.distributed._tensor import DTensor  # type: ignore[attr-defined]
+    from torch.distributed._tensor.placement_types import Partial, Shard
 
 __all__ = [
     "global_squared_norm",
@@ -66,7 +63,7 @@ def _local_squared_norms(tensors: Sequence[Tensor], acc_dtype: torch.dtype) -> l
     for (_, dtype), indices in by_kind.items():
         norm_dtype = acc_dtype if dtype in _HALF_DTYPES else None
         norms = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=norm_dtype)
-        for i, norm in zip(indices, norms):
+        for i, norm in zip(indices, norms, strict=True):
             out[i] = norm.to(acc_dtype).square()
     return [t for t in out if t is not None]
 
@@ -96,7 +93,7 @@ def _dtensor_squared_norms(tensors: Sequence[Tensor], acc_dtype: torch.dtype) ->
         )
         for group in _shard_groups(first):
             dist.all_reduce(sq, group=group)
-        for i, value in zip(indices, sq.unbind()):
+        for i, value in zip(indices, sq.unbind(), strict=True):
             out[i] = value
     return [t for t in out if t is not None]
 

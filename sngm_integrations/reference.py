@@ -23,10 +23,10 @@ class ReferenceSNGM(Optimizer):
     Per step, for all parameters of all groups::
 
         d_i = (-g_i if maximize else g_i) + weight_decay * w_i
-        n   = sqrt(sum_i ||d_i||^2)              (normalize="global"; "layer": n_i = ||d_i||)
+        n   = sqrt(sum_i ||d_i||^2)     (normalize="global"; "layer": n_i = ||d_i||)
         skip the step if n is not finite
         u_i = momentum * u_i + d_i / max(n, eps)
-        w_i = w_i - lr * u_i                     (nesterov: lr * (d_i / max(n, eps) + momentum * u_i))
+        w_i = w_i - lr * u_i            (nesterov: lr * (d_i / max(n, eps) + momentum * u_i))
     """
 
     def __init__(
@@ -42,7 +42,11 @@ class ReferenceSNGM(Optimizer):
         eps: float = 1e-8,
     ) -> None:
         defaults = dict(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
         )
         super().__init__(params, defaults)
         self.normalize = normalize
@@ -50,7 +54,7 @@ class ReferenceSNGM(Optimizer):
         self.skipped_steps = 0
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():

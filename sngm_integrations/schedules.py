@@ -36,7 +36,9 @@ class WarmupDecay:
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"Invalid schedule: schedule={self.schedule!r} (choose one of {SCHEDULES})")
+            raise ValueError(
+                f"Invalid schedule: schedule={self.schedule!r} (choose one of {SCHEDULES})"
+            )
         if self.total_steps < 1:
             raise ValueError(f"Invalid total_steps: total_steps={self.total_steps} (must be >= 1)")
         if not 0 <= self.warmup_steps <= self.total_steps:
@@ -45,7 +47,9 @@ class WarmupDecay:
                 f"(must be in [0, total_steps={self.total_steps}])"
             )
         if not 0.0 <= self.final_fraction <= 1.0:
-            raise ValueError(f"Invalid final_fraction: final_fraction={self.final_fraction} (must be in [0, 1])")
+            raise ValueError(
+                f"Invalid final_fraction: final_fraction={self.final_fraction} (must be in [0, 1])"
+            )
         if self.power <= 0:
             raise ValueError(f"Invalid power: power={self.power} (must be > 0)")
 
@@ -75,7 +79,9 @@ def warmup_decay_schedule(
     final_fraction: float = 0.0,
 ) -> LambdaLR:
     """A ``LambdaLR`` with linear warmup and the chosen decay, stepped once per optimizer step."""
-    return LambdaLR(optimizer, WarmupDecay(total_steps, warmup_steps, schedule, power, final_fraction))
+    return LambdaLR(
+        optimizer, WarmupDecay(total_steps, warmup_steps, schedule, power, final_fraction)
+    )
 
 
 def scale_lr(lr: float, batch_size: int, reference_batch_size: int, rule: str = "none") -> float:

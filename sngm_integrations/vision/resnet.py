@@ -59,7 +59,9 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.stages(self.stem(x))
-        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(features, 1), 1))
+        pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(features, 1), 1)
+        logits: Tensor = self.head(pooled)
+        return logits
 
 
 def resnet20(width: int = 16, in_channels: int = 1, num_classes: int = 10) -> ResNet:
