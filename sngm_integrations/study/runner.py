@@ -1,0 +1,325 @@
+"""Running a study: the learning-rate grids, then the seeds of each chosen lr, resumably.
+
+Every finished run is appended to ``runs.jsonl`` in the output folder (one JSON record per
+line, keyed by :func:`~sngm_integrations.study.config.run_key`) and ``study.json`` is
+rewritten, so a study that is killed leaves its results behind and a rerun with the same
+settings only does what is missing. With ``workers > 1`` independent runs go to a pool
+of spawned processes that share the device (on a GPU, small batches leave it idle between
+kernel launches; other processes fill those gaps).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import queue
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sngm_integrations.study.config import RunConfig, StudyConfig, run_key
+from sngm_integrations.study.data import SplitData, StudyData, load_study_data, split_data
+from sngm_integrations.study.report import best_lr, write_json, write_reports
+from sngm_integrations.study.train import train_run
+
+__all__ = ["ResultsStore", "StudyResult", "environment", "run_study"]
+
+
+class ResultsStore:
+    """Finished runs, in memory and appended to a JSON-lines file as they finish."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short when a study was killed
+                    continue
+                self.records[record["key"]] = record
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Keep ``record`` and append it to the file (flushed to disk before returning)."""
+        self.records[record["key"]] = record
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+@dataclass
+class StudyResult:
+    """What :func:`run_study` returns: the table, the status and this study's runs."""
+
+    table: str
+    status: str  # "complete", "time budget reached" or "interrupted"
+    records: dict[str, dict[str, Any]]
+    new_runs: int
+    out: Path
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib_metadata.version(name)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+def environment(study: StudyConfig) -> dict[str, Any]:
+    """Versions, device and command line, recorded with the results."""
+    device = torch.device(study.device)
+    info: dict[str, Any] = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "timm": _package_version("timm"),
+        "sngm_integrations": _package_version("sngm-integrations"),
+        "device": str(device),
+        "workers": study.workers,
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    else:
+        info["device_name"] = platform.processor() or platform.machine()
+        info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
+# Per-process state of a worker: the dataset on the CPU and its device split, made once.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(data: StudyData, device: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    _WORKER.update(data=data, device=device, splits={})
+
+
+def _run_in_worker(config: RunConfig, eval_batch_size: int) -> dict[str, Any]:
+    split_id = (config.split_seed, config.train_size, config.val_size, config.test_size)
+    splits: dict[tuple[Any, ...], SplitData] = _WORKER["splits"]
+    if split_id not in splits:
+        splits[split_id] = split_data(_WORKER["data"], config, _WORKER["device"])
+    try:
+        return train_run(config, splits[split_id], eval_batch_size)
+    except Exception as err:  # one failed run (say, out of memory) must not end the study
+        return {"key": run_key(config), "error": f"{type(err).__name__}: {err}"}
+
+
+def _describe(config: RunConfig) -> str:
+    return f"{config.optimizer} b={config.batch_size} lr={config.lr:g} seed={config.seed}"
+
+
+class _SerialRunner:
+    """Runs each submitted config at once, in this process."""
+
+    def __init__(self, data: StudyData, study: StudyConfig) -> None:
+        _init_worker(data, study.device, torch.get_num_threads())
+        self.eval_batch_size = study.eval_batch_size
+        self.done: deque[dict[str, Any]] = deque()
+
+    def submit(self, config: RunConfig) -> None:
+        self.done.append(_run_in_worker(config, self.eval_batch_size))
+
+    def next_result(self) -> dict[str, Any]:
+        return self.done.popleft()
+
+    def close(self, terminate: bool = False) -> None:
+        pass
+
+
+class _PoolRunner:
+    """Runs submitted configs in a pool of spawned worker processes."""
+
+    def __init__(self, data: StudyData, study: StudyConfig) -> None:
+        cpu_threads = max(1, (os.cpu_count() or 1) // study.workers)
+        threads = 1 if study.device.startswith("cuda") else cpu_threads
+        context = multiprocessing.get_context("spawn")
+        self.pool = context.Pool(study.workers, _init_worker, (data, study.device, threads))
+        self.eval_batch_size = study.eval_batch_size
+        self.done: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def submit(self, config: RunConfig) -> None:
+        def failed(err: BaseException) -> None:
+            self.done.put({"key": run_key(config), "error": f"{type(err).__name__}: {err}"})
+
+        self.pool.apply_async(
+            _run_in_worker,
+            (config, self.eval_batch_size),
+            callback=self.done.put,
+            error_callback=failed,
+        )
+
+    def next_result(self) -> dict[str, Any]:
+        while True:  # short waits, so that Ctrl-C and SIGTERM get through
+            try:
+                return self.done.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
+    def close(self, terminate: bool = False) -> None:
+        if terminate:
+            self.pool.terminate()
+        else:
+            self.pool.close()
+        self.pool.join()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (``timeout``, a batch scheduler) into KeyboardInterrupt, to save results."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="study", unit="run", dynamic_ncols=True)
+
+
+def run_study(
+    study: StudyConfig,
+    out: str | os.PathLike[str],
+    *,
+    data: StudyData | None = None,
+    progress: bool = True,
+    plots: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> StudyResult:
+    """Run (or resume) ``study``, writing every result under ``out``.
+
+    Args:
+        study: What to run.
+        out: Output folder (created). Runs already in its ``runs.jsonl`` are not redone.
+        data: The dataset; loaded from ``study.dataset`` when not given.
+        progress: Show a progress bar and one line per finished run.
+        plots: Write the PNG plots at the end.
+        log: Where per-run lines go (default: through the progress bar, or nowhere).
+
+    Returns:
+        The summary table and the runs. On Ctrl-C or SIGTERM the results so far are
+        written, with status ``interrupted``, before KeyboardInterrupt propagates.
+    """
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = ResultsStore(out_dir / "runs.jsonl")
+    metadata = environment(study)
+    metadata["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = time.monotonic()
+
+    groups = [(name, b) for b in sorted(study.batch_sizes) for name in study.optimizers]
+    seeds_planned: set[tuple[str, int]] = set()
+    todo: deque[RunConfig] = deque(c for c in study.grid_runs() if run_key(c) not in store)
+    relevant: set[str] = {run_key(c) for c in study.grid_runs()}
+
+    def plan_seed_runs() -> None:
+        for group in groups:
+            if group in seeds_planned:
+                continue
+            lr = best_lr(study, store.records, *group)
+            if lr is None:
+                continue
+            seeds_planned.add(group)
+            for config in study.seed_runs(*group, lr):
+                relevant.add(run_key(config))
+                if run_key(config) not in store:
+                    todo.append(config)
+
+    def study_records() -> dict[str, dict[str, Any]]:
+        return {k: r for k, r in store.records.items() if k in relevant}
+
+    plan_seed_runs()
+    total = len(study.grid_runs()) + len(groups) * (study.seeds - 1)
+    bar = _progress_bar(total, len(study_records()), progress)
+    if log is None:
+        log = bar.write if bar is not None else (lambda line: None)
+
+    if todo:  # nothing to run: skip loading the data and starting workers
+        data = data if data is not None else load_study_data(study)
+        runner_class = _PoolRunner if study.workers > 1 else _SerialRunner
+        runner: _SerialRunner | _PoolRunner | None = runner_class(data, study)
+    else:
+        runner = None
+    running: dict[str, RunConfig] = {}
+    status, new_runs = "complete", 0
+    try:
+        with _sigterm_as_interrupt():
+            while todo or running:
+                over_budget = (
+                    study.time_budget is not None and time.monotonic() - started > study.time_budget
+                )
+                while todo and runner is not None and len(running) < study.workers:
+                    if over_budget:
+                        status = "time budget reached"
+                        todo.clear()
+                        break
+                    config = todo.popleft()
+                    running[run_key(config)] = config
+                    if bar is not None:
+                        latest = f"latest: {_describe(config)}"
+                        bar.set_postfix_str(f"{len(running)} running, {latest}", refresh=True)
+                    runner.submit(config)
+                if not running or runner is None:
+                    break
+                record = runner.next_result()
+                config = running.pop(record["key"])
+                if "error" in record:
+                    log(f"FAILED {_describe(config)}: {record['error']}")
+                else:
+                    store.add(record)
+                    new_runs += 1
+                    log(
+                        f"{_describe(config)}: val {record['val_acc']:.2f}% "
+                        f"test {record['test_acc']:.2f}% ({record['seconds']:.1f} s)"
+                        + (" diverged" if record["diverged"] else "")
+                    )
+                    plan_seed_runs()
+                    write_json(out_dir, study, study_records(), metadata, "running")
+                if bar is not None:
+                    bar.update(1)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        if runner is not None:
+            runner.close(terminate=status == "interrupted")
+        if bar is not None:
+            bar.close()
+        metadata["wall_seconds"] = round(time.monotonic() - started, 1)
+        table = write_reports(out_dir, study, study_records(), metadata, status, plots=plots)
+    return StudyResult(table, status, study_records(), new_runs, out_dir)
