@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="micro-batches accumulated into one optimizer step",
     )
-    parser.add_argument("--lr", type=float, default=1.0, help="SNGM learning rate (peak)")
+    parser.add_argument("--lr", type=float, default=0.5, help="SNGM learning rate (peak)")
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--schedule", choices=SCHEDULES, default="cosine")
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bar.update(1)
             if progress.step % args.log_every == 0 or progress.step == total_steps:
                 mean_loss = accelerator.reduce(loss_sum, "mean").item() / micro_batches
+                assert sngm.last_grad_norm is not None  # every SNGM step sets it
                 logs = {
                     "train/loss": mean_loss,
                     "train/lr": scheduler.get_last_lr()[0],
