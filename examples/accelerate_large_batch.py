@@ -28,7 +28,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DistributedType,
+    ProjectConfiguration,
+    is_tensorboard_available,
+    set_seed,
+)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm.auto import tqdm
@@ -260,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.resume_from:
         accelerator.load_state(args.resume_from)
         accelerator.print(f"resumed from {args.resume_from} at step {progress.step}")
+    if args.log_with == "tensorboard" and not is_tensorboard_available():
+        accelerator.print("tensorboard is not installed: no tracker logs (pip install tensorboard)")
     accelerator.init_trackers("sngm", config={**vars(args), "effective_batch": effective_batch})
 
     bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_main_process)
