@@ -543,10 +543,11 @@ def _multi_tensor_sngm(
                 t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             torch._foreach_mul_(bufs, 1.0 + keep * (beta - 1.0))
             torch._foreach_add_(bufs, normalized)
-            if group.nesterov:
-                update = torch._foreach_add(normalized, torch._foreach_mul(bufs, beta))
-            else:
-                update = bufs
+            update = (
+                list(torch._foreach_add(normalized, torch._foreach_mul(bufs, beta)))
+                if group.nesterov
+                else bufs
+            )
             lr = to_device(group.lr, device) if isinstance(group.lr, Tensor) else group.lr
             torch._foreach_add_(params, torch._foreach_mul(update, -lr * keep))
 
