@@ -1,0 +1,37 @@
+"""SNGM for the Hugging Face ``Trainer``: ``TrainingArguments(optim="sngm")``.
+
+Importing this package registers the name (see :func:`register`)::
+
+    import hf_trainer  # noqa: F401  (registers optim="sngm")
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        "out", optim="sngm", optim_args="momentum=0.9", learning_rate=0.5, max_grad_norm=0
+    )
+    Trainer(model=model, args=args, train_dataset=train_dataset).train()
+
+Unmodified scripts that parse ``TrainingArguments`` run with the name registered through
+``python -m hf_trainer SCRIPT ARGS...`` (see :mod:`hf_trainer.__main__`).
+"""
+
+from hf_trainer.callback import SNGMMonitorCallback, add_sngm_monitor
+from hf_trainer.optim_args import ACCEPTED_OPTIM_ARGS, parse_sngm_optim_args
+from hf_trainer.registration import (
+    OPTIM_NAME,
+    get_sngm_cls_and_kwargs,
+    is_registered,
+    register,
+)
+
+__all__ = [
+    "ACCEPTED_OPTIM_ARGS",
+    "OPTIM_NAME",
+    "SNGMMonitorCallback",
+    "add_sngm_monitor",
+    "get_sngm_cls_and_kwargs",
+    "is_registered",
+    "parse_sngm_optim_args",
+    "register",
+]
+
+register()

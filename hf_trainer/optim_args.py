@@ -1,0 +1,121 @@
+"""Typed parsing of ``TrainingArguments.optim_args`` for ``optim="sngm"``.
+
+``optim_args`` arrives as one string, ``"momentum=0.9,nesterov=true,normalize=layer"``.
+Each key is checked against the SNGM keyword arguments the Trainer may set and converted
+to its type; anything else is a ``ValueError`` that names the key and lists the keys
+accepted, before any training step runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from sngm_integrations.sngm import NORMALIZE_MODES
+
+__all__ = ["ACCEPTED_OPTIM_ARGS", "parse_sngm_optim_args"]
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def _to_float(value: str) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError("not a finite number")
+    return number
+
+
+def _to_bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"not a boolean (use one of {_TRUE + _FALSE})")
+
+
+def _to_normalize_mode(value: str) -> str:
+    if value not in NORMALIZE_MODES:
+        raise ValueError(f"not one of {NORMALIZE_MODES}")
+    return value
+
+
+class _OptimArg(NamedTuple):
+    convert: Callable[[str], Any]
+    kind: str
+
+
+ACCEPTED_OPTIM_ARGS: dict[str, _OptimArg] = {
+    "momentum": _OptimArg(_to_float, "float in [0, 1)"),
+    "nesterov": _OptimArg(_to_bool, "bool"),
+    "normalize": _OptimArg(_to_normalize_mode, "|".join(NORMALIZE_MODES)),
+    "eps": _OptimArg(_to_float, "float > 0"),
+    "maximize": _OptimArg(_to_bool, "bool"),
+    "foreach": _OptimArg(_to_bool, "bool"),
+    "fused": _OptimArg(_to_bool, "bool"),
+}
+"""Keys of ``optim_args`` for SNGM, each with its converter and a description of its type."""
+
+# Keys the Trainer sets from its own arguments; accepting them here would be ignored or
+# would contradict the TrainingArguments field.
+_SET_BY_TRAINER = {
+    "lr": "learning_rate",
+    "learning_rate": "learning_rate",
+    "weight_decay": "weight_decay",
+}
+
+
+def _accepted_keys_text() -> str:
+    return ", ".join(f"{key} ({arg.kind})" for key, arg in ACCEPTED_OPTIM_ARGS.items())
+
+
+def parse_sngm_optim_args(optim_args: str | None) -> dict[str, Any]:
+    """Turn ``"k=v,k=v"`` into SNGM keyword arguments with real types.
+
+    Args:
+        optim_args: The ``optim_args`` string of ``TrainingArguments`` (``None`` or empty
+            for none). Spaces around keys and values are ignored.
+
+    Returns:
+        A dict such as ``{"momentum": 0.9, "nesterov": True, "normalize": "layer"}``.
+
+    Raises:
+        ValueError: An item is not ``key=value``, a key is unknown, repeated, or set by a
+            ``TrainingArguments`` field, or a value cannot be converted. The message names
+            the item and lists the accepted keys.
+    """
+    parsed: dict[str, Any] = {}
+    if not optim_args or not optim_args.strip():
+        return parsed
+    for item in optim_args.split(","):
+        key, sep, raw_value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not raw_value:
+            raise ValueError(
+                f"optim_args item {item.strip()!r} is not of the form key=value "
+                f"(optim='sngm' accepts: {_accepted_keys_text()})"
+            )
+        if key in _SET_BY_TRAINER:
+            field = _SET_BY_TRAINER[key]
+            raise ValueError(
+                f"optim_args key {key!r} is not accepted for optim='sngm': set it with the "
+                f"TrainingArguments field {field} (--{field}) instead "
+                f"(optim_args accepts: {_accepted_keys_text()})"
+            )
+        if key not in ACCEPTED_OPTIM_ARGS:
+            raise ValueError(
+                f"optim_args key {key!r} is unknown for optim='sngm' "
+                f"(accepted: {_accepted_keys_text()})"
+            )
+        if key in parsed:
+            raise ValueError(f"optim_args key {key!r} is given twice in {optim_args!r}")
+        spec = ACCEPTED_OPTIM_ARGS[key]
+        try:
+            parsed[key] = spec.convert(raw_value)
+        except ValueError as err:
+            raise ValueError(
+                f"optim_args {key}={raw_value!r} is invalid for optim='sngm': expected "
+                f"{spec.kind} ({err}); accepted keys: {_accepted_keys_text()}"
+            ) from None
+    return parsed
