@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import torch.distributed as dist
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch.optim import Optimizer
@@ -142,8 +144,8 @@ class SNGMMixin(_MixinBase):
     ``configure_optimizers`` returns the dict form with a scheduler stepped every optimizer
     step. Each choice is a small method a subclass can override without copying the rest:
     :meth:`sngm_hyperparameters`, :meth:`sngm_param_groups`, :meth:`sngm_optimizer`,
-    :meth:`sngm_per_device_batch_size`, :meth:`sngm_learning_rate` and
-    :meth:`sngm_lr_scheduler`.
+    :meth:`sngm_process_group`, :meth:`sngm_per_device_batch_size`,
+    :meth:`sngm_learning_rate` and :meth:`sngm_lr_scheduler`.
     """
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
@@ -179,7 +181,35 @@ class SNGMMixin(_MixinBase):
             weight_decay=hparams.weight_decay,
             nesterov=hparams.nesterov,
             normalize=hparams.normalize,
+            process_group=self.sngm_process_group(),
         )
+
+    def sngm_process_group(self) -> dist.ProcessGroup | None:
+        """The group over which SNGM sums the squared norms of flat parameter shards.
+
+        Lightning's ``FSDPStrategy`` (FSDP1) and ``DeepSpeedStrategy`` give the optimizer
+        flat shards, so each rank's norm is one part of the model's: they are summed over
+        the world. DDP needs none (every rank holds the whole averaged gradient), nor does
+        ``ModelParallelStrategy``, whose DTensor parameters SNGM reduces by itself. Hybrid
+        sharding replicates shards across nodes; override this method to return its
+        intra-node group.
+        """
+        strategy = self.trainer.strategy
+        if self.trainer.world_size == 1:
+            return None
+        if isinstance(strategy, FSDPStrategy):
+            sharding = strategy.sharding_strategy.name
+            if sharding == "NO_SHARD":
+                return None
+            if sharding.startswith(("HYBRID", "_HYBRID")):
+                raise ValueError(
+                    f"FSDPStrategy(sharding_strategy={sharding!r}) shards within a node: "
+                    "override sngm_process_group() to return the intra-node process group"
+                )
+            return dist.group.WORLD
+        if isinstance(strategy, DeepSpeedStrategy):
+            return dist.group.WORLD
+        return None
 
     def sngm_per_device_batch_size(self) -> int:
         """Samples per device per forward pass: ``hparams.batch_size``, else the loader's."""
@@ -215,7 +245,7 @@ class SNGMMixin(_MixinBase):
         batch_size = self.sngm_effective_batch_size()
         lr = scale_lr(hparams.lr, batch_size, hparams.reference_batch_size, hparams.lr_scaling)
         rank_zero_info(
-            f"SNGM: lr {hparams.lr:g} at batch size {hparams.reference_batch_size} scaled "
+            f"SNGMMixin: lr {hparams.lr:g} at batch size {hparams.reference_batch_size} scaled "
             f"({hparams.lr_scaling}) to {lr:g} for the effective batch size {batch_size} "
             f"(per device x accumulate_grad_batches={self.trainer.accumulate_grad_batches} "
             f"x world_size={self.trainer.world_size})"
