@@ -27,6 +27,7 @@ import argparse
 
 import torch
 from lightning.fabric import Fabric
+from lightning.fabric.wrappers import _FabricModule
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -42,7 +43,7 @@ PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
 
 def train_epoch(
     fabric: Fabric,
-    model: nn.Module,
+    model: _FabricModule,
     optimizer: Optimizer,
     scheduler: LRScheduler,
     loader: DataLoader,
@@ -75,14 +76,13 @@ def train_epoch(
 def evaluate_accuracy(fabric: Fabric, model: nn.Module, loader: DataLoader) -> float:
     """Accuracy over every process's share of ``loader``."""
     model.eval()
-    correct = torch.zeros((), device=fabric.device)
-    count = torch.zeros((), device=fabric.device)
+    totals = torch.zeros(2, device=fabric.device)  # correct predictions, images
     for inputs, labels in loader:
-        correct += (model(inputs).argmax(dim=1) == labels).sum()
-        count += len(labels)
-    return float(
-        fabric.all_reduce(correct, reduce_op="sum") / fabric.all_reduce(count, reduce_op="sum")
-    )
+        totals[0] += (model(inputs).argmax(dim=1) == labels).sum()
+        totals[1] += len(labels)
+    reduced = fabric.all_reduce(totals, reduce_op="sum")
+    assert isinstance(reduced, Tensor)
+    return float(reduced[0] / reduced[1])
 
 
 def _as_inputs(images: Tensor) -> Tensor:
