@@ -156,9 +156,9 @@ def test_rerun_resumes_without_redoing_finished_runs(
     out = tmp_path / "resumed"
     shutil.copytree(finished, out)
     lines = (out / "runs.jsonl").read_text().splitlines()
-    kept = lines[:5]
-    # As if killed: five runs made it to disk, the sixth line was cut short.
-    (out / "runs.jsonl").write_text("\n".join(kept) + "\n" + lines[5][:40] + "\n")
+    # As if killed and rerun: a grid run is missing and the last line was cut short.
+    kept = lines[:3] + lines[4:-1]
+    (out / "runs.jsonl").write_text("\n".join(kept) + "\n" + lines[-1][:40] + "\n")
 
     result = run_study(study, out, progress=False, plots=False)
     assert result.status == "complete"

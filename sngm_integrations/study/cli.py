@@ -102,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--workers",
         type=int,
-        default=1,
-        help="runs trained at once in separate processes sharing the device",
+        help="runs trained at once in separate processes sharing the device (quick: 2, full: 1)",
     )
     add(
         "--time-budget",
@@ -114,14 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--eval-batch-size", type=int)
     add("--no-plots", action="store_true", help="skip the PNG plots")
-    add("--no-progress", action="store_true", help="no progress bar or per-run lines")
+    add(
+        "--no-progress",
+        action="store_true",
+        help="a line per finished run instead of a progress bar",
+    )
     return parser  # fmt: skip
 
 
 _OVERRIDES = (
     "dataset", "data_root", "train_size", "val_size", "test_size", "width", "epochs",
     "batch_sizes", "optimizers", "reference_batch_size", "seeds", "base_seed", "momentum",
-    "weight_decay", "warmup_epochs", "schedule", "eval_batch_size",
+    "weight_decay", "warmup_epochs", "schedule", "eval_batch_size", "workers",
 )  # fmt: skip
 
 
@@ -158,9 +161,12 @@ def study_from_args(args: argparse.Namespace) -> Any:
         lr_scaling=lr_scaling,
         device=device,
         precision=precision,
-        workers=args.workers,
         time_budget=args.time_budget,
     )
+
+
+def _print_now(line: str) -> None:
+    print(line, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,7 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     out = args.out or f"study_out/{args.preset}"
     try:
-        result = run_study(study, out, progress=not args.no_progress, plots=not args.no_plots)
+        result = run_study(
+            study,
+            out,
+            progress=not args.no_progress,
+            plots=not args.no_plots,
+            log=_print_now if args.no_progress else None,
+        )
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished runs are saved in {out} (rerun to resume)", file=sys.stderr)
         return 130

@@ -273,7 +273,8 @@ def plot_study(out: Path, study: StudyConfig, records: Records) -> list[Path]:
         axis.set_xlabel("epoch")
         axis.set_title(f"batch {batch_size}")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.lines:
+            axis.legend(fontsize=8)
     _as_list(axes)[0].set_ylabel("training loss")
     paths.append(_save(figure, out / "train_loss.png"))
     return paths

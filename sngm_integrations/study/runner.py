@@ -81,11 +81,16 @@ def _package_version(name: str) -> str | None:
         return None
 
 
+def _program_name() -> str:
+    program = Path(sys.argv[0]).name
+    return "python -m sngm_integrations.study" if program == "__main__.py" else program
+
+
 def environment(study: StudyConfig) -> dict[str, Any]:
     """Versions, device and command line, recorded with the results."""
     device = torch.device(study.device)
     info: dict[str, Any] = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join([_program_name(), *sys.argv[1:]]),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -242,7 +247,7 @@ def run_study(
     metadata["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     started = time.monotonic()
 
-    groups = [(name, b) for b in sorted(study.batch_sizes) for name in study.optimizers]
+    groups = [(name, b) for b in study.batch_size_priority() for name in study.optimizers]
     seeds_planned: set[tuple[str, int]] = set()
     todo: deque[RunConfig] = deque(c for c in study.grid_runs() if run_key(c) not in store)
     relevant: set[str] = {run_key(c) for c in study.grid_runs()}

@@ -66,11 +66,13 @@ def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -
     ``diverged``; it is still evaluated (at chance level, typically).
     """
     device = data.train_images.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     memory_format = _memory_format(device)
     model = resnet20(config.width, data.in_channels, data.num_classes)
-    model = model.to(device=device, memory_format=memory_format)
+    model = model.to(device).to(memory_format=memory_format)
     optimizer = build_optimizer(
         config.optimizer, model.parameters(), config.lr, config.momentum, config.weight_decay
     )
@@ -111,7 +113,7 @@ def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -
     test_acc, test_loss = evaluate(
         model, data, data.test_images, data.test_labels, config, eval_batch_size
     )
-    return {
+    record: dict[str, Any] = {
         "key": run_key(config),
         "config": config.to_dict(),
         "val_acc": val_acc,
@@ -125,3 +127,6 @@ def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -
         "seconds": time.perf_counter() - started,
         "device": str(device),
     }
+    if device.type == "cuda":
+        record["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return record
