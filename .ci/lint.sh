@@ -15,11 +15,11 @@ run() {
     "$@" || failed+=("$name")
 }
 
-run "ruff check" "$VENV/bin/ruff" check .
+run "ruff check" "$VENV/bin/ruff" check --output-format concise .
 run "ruff format" "$VENV/bin/ruff" format --check .
 run "mypy (core, strict)" "$VENV/bin/mypy" --strict sngm_integrations
-run "mypy (adapters)" "$VENV/bin/mypy" --disallow-untyped-defs --disallow-incomplete-defs \
-    --warn-unused-ignores hf_trainer lightning_callbacks
+run "mypy (adapters)" "$VENV/bin/mypy" --follow-imports=silent --disallow-untyped-defs \
+    --disallow-incomplete-defs --warn-unused-ignores hf_trainer lightning_callbacks
 
 if ((${#failed[@]})); then
     printf 'lint failed: %s\n' "${failed[@]}"
