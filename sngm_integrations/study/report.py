@@ -246,6 +246,8 @@ def plot_study(out: Path, study: StudyConfig, records: Records) -> list[Path]:
         axis.plot(lrs, [r["val_acc"] for _, r in grid], "o-", label="validation")
         axis.plot(lrs, [r["test_acc"] for _, r in grid], "s--", label="test")
         axis.set_xscale("log")
+        axis.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        axis.minorticks_off()
         axis.set_xlabel("learning rate")
         axis.set_title(f"{optimizer}, batch {largest}")
         axis.grid(alpha=0.3)
@@ -270,6 +272,7 @@ def plot_study(out: Path, study: StudyConfig, records: Records) -> list[Path]:
                 range(1, length + 1), mean, label=f"{row['optimizer']} (lr {row['best_lr']:g})"
             )
         axis.set_yscale("log")
+        axis.xaxis.get_major_locator().set_params(integer=True)
         axis.set_xlabel("epoch")
         axis.set_title(f"batch {batch_size}")
         axis.grid(alpha=0.3)

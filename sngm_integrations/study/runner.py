@@ -106,8 +106,16 @@ def environment(study: StudyConfig) -> dict[str, Any]:
         info["cudnn"] = torch.backends.cudnn.version()
     else:
         info["device_name"] = platform.processor() or platform.machine()
-        info["torch_threads"] = torch.get_num_threads()
+        info["torch_threads_per_run"] = _threads_per_run(study)
     return info
+
+
+def _threads_per_run(study: StudyConfig) -> int:
+    if study.workers == 1:
+        return torch.get_num_threads()
+    if study.device.startswith("cuda"):
+        return 1  # a worker only launches kernels
+    return max(1, (os.cpu_count() or 1) // study.workers)
 
 
 # Per-process state of a worker: the dataset on the CPU and its device split, made once.
@@ -158,10 +166,9 @@ class _PoolRunner:
     """Runs submitted configs in a pool of spawned worker processes."""
 
     def __init__(self, data: StudyData, study: StudyConfig) -> None:
-        cpu_threads = max(1, (os.cpu_count() or 1) // study.workers)
-        threads = 1 if study.device.startswith("cuda") else cpu_threads
         context = multiprocessing.get_context("spawn")
-        self.pool = context.Pool(study.workers, _init_worker, (data, study.device, threads))
+        init_args = (data, study.device, _threads_per_run(study))
+        self.pool = context.Pool(study.workers, _init_worker, init_args)
         self.eval_batch_size = study.eval_batch_size
         self.done: queue.Queue[dict[str, Any]] = queue.Queue()
 
