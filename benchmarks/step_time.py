@@ -40,12 +40,21 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048), (1000,)]
 
 
-def gpt2_medium_shapes(layers: int = 24, width: int = 1024, vocab: int = 50257) -> list[tuple[int, ...]]:
+def gpt2_medium_shapes(
+    layers: int = 24, width: int = 1024, vocab: int = 50257
+) -> list[tuple[int, ...]]:
     """Token and position embeddings, 24 pre-norm transformer blocks, the final norm."""
     shapes: list[tuple[int, ...]] = [(vocab, width), (1024, width)]
     for _ in range(layers):
         shapes += [(width,), (width,), (width, 3 * width), (3 * width,), (width, width), (width,)]
-        shapes += [(width,), (width,), (width, 4 * width), (4 * width,), (4 * width, width), (width,)]
+        shapes += [
+            (width,),
+            (width,),
+            (width, 4 * width),
+            (4 * width,),
+            (4 * width, width),
+            (width,),
+        ]
     return shapes + [(width,), (width,)]
 
 
@@ -84,12 +93,13 @@ class Timer:
         return (end - start) * 1e3  # type: ignore[operator]
 
 
-def bench(shapes: list[tuple[int, ...]], device: torch.device, steps: int, warmup: int,
-          names: list[str]) -> dict[str, float]:  # fmt: skip
+def bench(
+    shapes: list[tuple[int, ...]], device: torch.device, steps: int, warmup: int, names: list[str]
+) -> dict[str, float]:
     g = torch.Generator(device=device).manual_seed(0)
     params = [torch.randn(s, device=device, generator=g).requires_grad_() for s in shapes]
     grads = [torch.randn(s, device=device, generator=g) for s in shapes]
-    for p, grad in zip(params, grads):
+    for p, grad in zip(params, grads, strict=False):
         p.grad = grad
     optimizers = {name: OPTIMIZERS[name](params) for name in names}
     timer = Timer(device)
@@ -103,13 +113,20 @@ def bench(shapes: list[tuple[int, ...]], device: torch.device, steps: int, warmu
                 samples[name].append((start, end))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {name: statistics.median(timer.elapsed_ms(s, e) for s, e in pairs) for name, pairs in samples.items()}
+    return {
+        name: statistics.median(timer.elapsed_ms(s, e) for s, e in pairs)
+        for name, pairs in samples.items()
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--shapes", default=",".join(SHAPE_SETS), help=f"comma-separated, from {list(SHAPE_SETS)}")
+    parser.add_argument(
+        "--shapes", default=",".join(SHAPE_SETS), help=f"comma-separated, from {list(SHAPE_SETS)}"
+    )
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated names")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=5)
@@ -122,11 +139,14 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --optimizers {unknown}; choose from {list(OPTIMIZERS)}")
     machine = (
-        torch.cuda.get_device_name(device) if device.type == "cuda"
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )  # fmt: skip
-    print(f"torch {torch.__version__}, device {device} ({machine}), median of {args.steps} steps "
-          f"after {args.warmup} warm-up, interleaved")  # fmt: skip
+    )
+    print(
+        f"torch {torch.__version__}, device {device} ({machine}), median of {args.steps} steps "
+        f"after {args.warmup} warm-up, interleaved"
+    )
     results: dict[str, dict[str, float]] = {}
     for shape_set in args.shapes.split(","):
         shapes = SHAPE_SETS[shape_set]()
@@ -145,7 +165,11 @@ def main() -> None:
             ratio = f"{ms / timings[baseline]:.2f}x" if baseline in timings else "-"
             print(f"| {label} | {name} | {ms:.3f} | {ratio} |")
     if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "device": machine, "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"torch": torch.__version__, "device": machine, "results": results}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

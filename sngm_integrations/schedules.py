@@ -88,8 +88,9 @@ def scale_lr(lr: float, batch_size: int, reference_batch_size: int, rule: str = 
     """Scale a learning rate tuned at ``reference_batch_size`` to ``batch_size``.
 
     ``linear`` multiplies by ``batch_size / reference_batch_size``, ``sqrt`` by its square
-    root, ``none`` returns ``lr``. SNGM's step length does not grow with the gradient, so
-    ``sqrt`` or ``none`` are the usual choices; ``linear`` is the rule for MSGD.
+    root, ``none`` returns ``lr``. ``linear`` is the usual rule for MSGD. For SNGM, whose
+    step length does not grow with the gradient, no rule holds across models: measure
+    (docs/learning-rate.md and docs/accelerate.md record runs where each helped).
     """
     if rule not in SCALING_RULES:
         raise ValueError(f"Invalid rule: rule={rule!r} (choose one of {SCALING_RULES})")

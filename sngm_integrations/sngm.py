@@ -1,20 +1,18 @@
-r"""SNGM: stochastic normalized gradient descent with momentum.
+"""SNGM: stochastic normalized gradient descent with momentum.
 
 Zhao, Shi, Xie and Li, "Stochastic Normalized Gradient Descent with Momentum for
-Large-Batch Training" (arXiv:2007.13985). One step, for the gradient :math:`g_t` of the
-whole model (all parameter groups together) is
+Large-Batch Training" (arXiv:2007.13985). One step, for the gradient `g_t` of the whole
+model (all parameter groups together), is
 
-.. math::
+    d_t     = g_t + lambda * w_t
+    u_{t+1} = beta * u_t + d_t / ||d_t||
+    w_{t+1} = w_t - lr * u_{t+1}
 
-    d_t &= g_t + \lambda w_t \\
-    u_{t+1} &= \beta u_t + d_t / \lVert d_t \rVert \\
-    w_{t+1} &= w_t - \eta\, u_{t+1}
-
-This module follows the layout of ``torch.optim.SGD``: :class:`SNGM` validates arguments
-and gathers tensors; the functional :func:`sngm` computes the norm once and dispatches to
-``_single_tensor_sngm`` (a readable per-tensor loop), ``_multi_tensor_sngm`` (foreach
-kernels) or ``_fused_sngm`` (torch's fused SGD kernel, fed the norm as its ``grad_scale``).
-:mod:`sngm_integrations.reference` holds a literal twin that the tests hold all three to.
+This module follows the layout of `torch.optim.SGD`: `SNGM` validates arguments and
+gathers tensors; the functional `sngm` computes the norm once and dispatches to
+`_single_tensor_sngm` (a readable per-tensor loop), `_multi_tensor_sngm` (foreach kernels)
+or `_fused_sngm` (torch's fused SGD kernel, fed the norm as its `grad_scale`).
+`sngm_integrations.reference` holds a literal twin that the tests hold all three to.
 """
 
 from __future__ import annotations
@@ -58,9 +56,7 @@ def _validate_hyperparameters(
     if not lr_value >= 0.0:
         raise ValueError(f"Invalid learning rate: lr={lr} (must be >= 0)")
     if not 0.0 <= momentum < 1.0:
-        raise ValueError(
-            f"Invalid momentum: momentum={momentum} (SNGM needs 0 <= momentum < 1)"
-        )
+        raise ValueError(f"Invalid momentum: momentum={momentum} (SNGM needs 0 <= momentum < 1)")
     if not weight_decay >= 0.0:
         raise ValueError(f"Invalid weight_decay: weight_decay={weight_decay} (must be >= 0)")
     if not eps > 0.0:
@@ -76,65 +72,62 @@ def _validate_hyperparameters(
 
 
 class SNGM(Optimizer):
-    r"""Stochastic normalized gradient descent with momentum (Zhao et al., 2020).
+    """Stochastic normalized gradient descent with momentum (Zhao et al., 2020).
 
-    For the gradient :math:`g_t` of all parameters this optimizer holds, in every group:
+    For the gradient `g` of all parameters this optimizer holds, in every group:
 
-    .. math::
+        d       = g + weight_decay * w          (-g instead of g if maximize)
+        u_{t+1} = momentum * u_t + d / max(||d||, eps)
+        w_{t+1} = w_t - lr * u_{t+1}            (nesterov: lr * (d / ||d|| + momentum * u_{t+1}))
 
-        d_t &= \pm g_t + \lambda\, w_t
-              \qquad (\lambda: \text{the group's weight\_decay}; -g_t \text{ if maximize}) \\
-        u_{t+1} &= \beta\, u_t + d_t / \max(\lVert d_t \rVert, \epsilon) \\
-        w_{t+1} &= w_t - \eta\, u_{t+1}
-              \qquad (\text{nesterov: } w_t - \eta\,(\beta u_{t+1} + d_t/\lVert d_t\rVert))
+    `||d||` is **one** L2 norm over every tensor of every parameter group
+    (`normalize="global"`, the paper's algorithm). Weight decay is folded into the gradient
+    before the norm, as `torch.optim.SGD` does, so the step normalizes the gradient of the
+    regularized objective the paper analyses.
 
-    :math:`\lVert d_t \rVert` is **one** L2 norm over every tensor of every parameter group
-    (``normalize="global"``, the paper's algorithm). Weight decay is folded into the
-    gradient before the norm, as ``torch.optim.SGD`` does, so the step normalizes the
-    gradient of the regularized objective the paper analyses.
-
-    Learning rates are not MSGD learning rates. There is no dampening, so the momentum
-    buffer's norm approaches :math:`1/(1-\beta)` (10 for :math:`\beta = 0.9`), and every
-    step moves the weights by about :math:`\eta/(1-\beta)` whatever the gradient's size.
-    Typical SNGM learning rates for vision models are 0.1 to 2 with :math:`\beta = 0.9`.
+    Learning rates are not MSGD learning rates. Every normalized gradient has length 1 and
+    there is no dampening, so the momentum buffer's norm can reach `1 / (1 - momentum)` (10
+    for momentum 0.9) when successive gradients point the same way; the weights move by at
+    most `lr / (1 - momentum)` per step, whatever the gradient's size.
 
     Because the gradient is divided by its norm, multiplying every gradient by one positive
-    number changes nothing (up to ``eps``, and apart from the folded weight decay): norm
+    number changes nothing (up to `eps`, and apart from the folded weight decay): norm
     clipping, loss division by accumulation steps and AMP loss scales are no-ops.
 
     A step whose gradient norm is not finite (an inf or nan anywhere) is skipped on the
     device, without a host synchronisation: parameters and momentum buffers keep their
-    exact values, and :attr:`skipped_steps` counts it.
+    exact values, and `skipped_steps` counts it.
 
     Args:
         params: Parameters or parameter groups (dicts) to optimize.
-        lr: Learning rate :math:`\eta` (a float, or a one-element Tensor).
-        momentum: :math:`\beta` in [0, 1). Kept under the key ``"momentum"`` in every group.
-        weight_decay: L2 penalty :math:`\lambda`, folded into the gradient before the norm.
-        nesterov: Use Nesterov momentum (needs ``momentum > 0``).
-        normalize: ``"global"`` (the paper: one norm over all parameters) or ``"layer"``
+        lr: Learning rate (a float, or a one-element Tensor).
+        momentum: The momentum factor, in [0, 1). Kept under the key `"momentum"` in every
+            param group, where learning-rate monitors look for it.
+        weight_decay: L2 penalty, folded into the gradient before the norm.
+        nesterov: Use Nesterov momentum (needs `momentum > 0`).
+        normalize: `"global"` (the paper: one norm over all parameters) or `"layer"`
             (each tensor divided by its own norm, a LARS-like variant that is *not* the
             paper's algorithm).
-        eps: Floor of the norm: a gradient with norm below ``eps`` is divided by ``eps``,
-            so a zero gradient gives a zero step instead of ``0/0``.
+        eps: Floor of the norm: a gradient with norm below `eps` is divided by `eps`,
+            so a zero gradient gives a zero step instead of `0/0`.
         maximize: Maximize the objective instead of minimizing it.
         foreach: Use the foreach (multi-tensor) implementation.
         fused: Use the fused implementation (torch's fused SGD kernel). The default, when
-            neither ``foreach`` nor ``fused`` is given, is fused on devices torch has fused
+            neither `foreach` nor `fused` is given, is fused on devices torch has fused
             kernels for (CPU and CUDA among them), otherwise foreach.
-        process_group: For flat-sharded optimizers (FSDP1 with ``use_orig_params``,
+        process_group: For flat-sharded optimizers (FSDP1 with `use_orig_params`,
             DeepSpeed ZeRO-1/2), the group over which each rank's shards are summed to give
-            the global norm. Leave ``None`` for one process, DDP and DTensor (FSDP2)
+            the global norm. Leave `None` for one process, DDP and DTensor (FSDP2)
             parameters, which are handled without it.
 
-    .. warning::
-        The fused implementation (the default on CPU and CUDA) overwrites ``p.grad``: after
-        ``step()`` it holds the normalized direction :math:`d/\lVert d\rVert` (torch's
-        fused kernel writes the scaled gradient back, and weight decay is folded into the
-        gradient in place to save a copy; after a skipped step it holds :math:`d`). The
-        next ``zero_grad()`` clears it as usual, and norm clipping or loss scaling before
-        ``step()`` are unaffected, but code that reads ``p.grad`` *after* ``step()`` sees
-        these values. Pass ``foreach=True`` (or ``fused=False``) to leave gradients
+    Warning:
+        The fused implementation (the default on CPU and CUDA) overwrites `p.grad`: after
+        `step()` it holds the normalized direction `d / ||d||` (torch's fused kernel
+        writes the scaled gradient back, and weight decay is folded into the gradient in
+        place to save a copy; after a skipped step it holds `d`). The
+        next `zero_grad()` clears it as usual, and norm clipping or loss scaling before
+        `step()` are unaffected, but code that reads `p.grad` *after* `step()` sees
+        these values. Pass `foreach=True` (or `fused=False`) to leave gradients
         untouched.
 
     Example:
@@ -248,7 +241,9 @@ class SNGM(Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["skipped_steps"] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
+                state["skipped_steps"] = torch.zeros(
+                    (), dtype=torch.float32, device=local_tensor(p).device
+                )
             buffer = state["momentum_buffer"]
             grad = p.grad
             if torch.is_complex(p):
@@ -270,7 +265,7 @@ class SNGM(Optimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one SNGM step.
 
         Args:
@@ -307,7 +302,7 @@ class SNGM(Optimizer):
 
 @dataclass
 class SNGMParamGroup:
-    """The tensors and hyperparameters of one parameter group, for :func:`sngm`."""
+    """The tensors and hyperparameters of one parameter group, for `sngm`."""
 
     params: list[Tensor]
     grads: list[Tensor]
@@ -323,7 +318,7 @@ class SNGMStepStats(NamedTuple):
     """What one SNGM step measured, as device tensors (reading them synchronises)."""
 
     grad_norm: Tensor
-    """The global norm of the (weight-decayed) gradient, :math:`\\lVert d_t \\rVert`."""
+    """The global norm of the (weight-decayed) gradient, `||d||`."""
     found_inf: Tensor
     """1.0 when the step was skipped because the norm was not finite, else 0.0."""
 
@@ -336,12 +331,12 @@ class _Directions(NamedTuple):
 
 
 def _descent_directions(groups: Sequence[SNGMParamGroup], in_place: bool) -> _Directions:
-    """``d = ±g + λw`` for each group, without copying ``g`` when ``λ = 0``.
+    """`d = ±g + λw` for each group, without copying `g` when `λ = 0`.
 
-    With ``λ = 0`` the vector is the gradient itself and the sign of ``maximize`` is left to
-    the update (the norm does not depend on it); with ``λ > 0`` the sign is folded in, into
-    a new tensor, or into ``g`` itself when ``in_place`` (the fused path, which overwrites
-    ``g`` anyway and so saves an allocation and a pass).
+    With `λ = 0` the vector is the gradient itself and the sign of `maximize` is left to
+    the update (the norm does not depend on it); with `λ > 0` the sign is folded in, into
+    a new tensor, or into `g` itself when `in_place` (the fused path, which overwrites
+    `g` anyway and so saves an allocation and a pass).
     """
     vectors: list[list[Tensor]] = []
     signs: list[float] = []
@@ -434,9 +429,9 @@ def sngm(
     foreach: bool | None = None,
     fused: bool | None = None,
 ) -> SNGMStepStats:
-    r"""Functional SNGM: update ``groups`` in place with one shared gradient norm.
+    r"""Functional SNGM: update `groups` in place with one shared gradient norm.
 
-    See :class:`SNGM` for the algorithm. The norm is computed once (on the device, reduced
+    See `SNGM` for the algorithm. The norm is computed once (on the device, reduced
     over shards when needed), then every group is updated by the chosen implementation.
 
     Returns:
@@ -471,7 +466,7 @@ def sngm(
 
 
 def _inverse_norms_for(scale: _Scale, start: int, count: int) -> list[Tensor]:
-    """The inverse norms of ``count`` tensors that start at flat index ``start``."""
+    """The inverse norms of `count` tensors that start at flat index `start`."""
     if len(scale.inverse_norms) == 1:
         return scale.inverse_norms * count
     return scale.inverse_norms[start : start + count]
@@ -483,11 +478,13 @@ def _single_tensor_sngm(
     """One tensor at a time: the readable implementation."""
     to_device = _OnDevice()
     start = 0
-    for group, vectors, sign in zip(groups, directions.vectors, directions.signs):
+    for group, vectors, sign in zip(groups, directions.vectors, directions.signs, strict=True):
         inverses = _inverse_norms_for(scale, start, len(vectors))
         start += len(vectors)
         beta = group.momentum
-        for p, d, u, inverse in zip(group.params, vectors, group.momentum_buffers, inverses):
+        for p, d, u, inverse in zip(
+            group.params, vectors, group.momentum_buffers, inverses, strict=True
+        ):
             p, d, u = local_tensor(p), local_tensor(d), local_tensor(u)
             finite = to_device(scale.finite, p.device)
             normalized = d * (to_device(inverse, p.device) * sign)
@@ -523,7 +520,7 @@ def _multi_tensor_sngm(
     """Foreach kernels over each bucket of tensors that share a device and a dtype."""
     to_device = _OnDevice()
     start = 0
-    for group, vectors, sign in zip(groups, directions.vectors, directions.signs):
+    for group, vectors, sign in zip(groups, directions.vectors, directions.signs, strict=True):
         inverses = _inverse_norms_for(scale, start, len(vectors))
         start += len(vectors)
         beta = group.momentum
@@ -553,17 +550,17 @@ def _multi_tensor_sngm(
 
 
 def _fused_sngm(groups: Sequence[SNGMParamGroup], directions: _Directions, scale: _Scale) -> None:
-    """Torch's fused SGD kernel with the norm as ``grad_scale`` and the skip as ``found_inf``.
+    """Torch's fused SGD kernel with the norm as `grad_scale` and the skip as `found_inf`.
 
-    The kernel divides the gradient by ``grad_scale`` on the device, so the normalized
+    The kernel divides the gradient by `grad_scale` on the device, so the normalized
     gradient is never materialized: after the norm's one read of the gradient, the kernel
-    reads p, g and u and writes p and u (and g, see the warning in :class:`SNGM`). The
-    scale is a float32 input of the kernel; float64 tensors and ``normalize="layer"``
+    reads p, g and u and writes p and u (and g, see the warning in `SNGM`). The
+    scale is a float32 input of the kernel; float64 tensors and `normalize="layer"`
     are therefore normalized beforehand, into a temporary.
     """
     to_device = _OnDevice()
     start = 0
-    for group, vectors, sign in zip(groups, directions.vectors, directions.signs):
+    for group, vectors, sign in zip(groups, directions.vectors, directions.signs, strict=True):
         inverses = _inverse_norms_for(scale, start, len(vectors))
         start += len(vectors)
         for device, params, vecs, bufs, invs in _grouped_by_device_and_dtype(
@@ -601,4 +598,3 @@ def _add_on_each_device(counters: list[Tensor], value: Tensor) -> None:
         by_device.setdefault(counter.device, []).append(counter)
     for device, tensors in by_device.items():
         torch._foreach_add_(tensors, to_device(value, device))
-

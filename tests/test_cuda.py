@@ -40,17 +40,22 @@ def run(optimizer_cls: type, dtype: torch.dtype, steps: int = 10, **kwargs: Any)
         [{"params": params[:2]}, {"params": params[2:], "lr": 0.05, "weight_decay": 0.0}], **kwargs
     )
     for step in range(steps):
-        for p, grad in zip(params, grads_for(step, params)):
+        for p, grad in zip(params, grads_for(step, params), strict=False):
             p.grad = grad
         optimizer.step()
     return torch.cat([p.detach().float().flatten() for p in params])
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("config", [dict(), dict(nesterov=True, maximize=True), dict(normalize="layer")])
-def test_cuda_paths_match_the_reference(implementation: str, dtype: torch.dtype, tol: float,
-                                        config: dict[str, Any]) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+)
+@pytest.mark.parametrize(
+    "config", [dict(), dict(nesterov=True, maximize=True), dict(normalize="layer")]
+)
+def test_cuda_paths_match_the_reference(
+    implementation: str, dtype: torch.dtype, tol: float, config: dict[str, Any]
+) -> None:
     hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.01) | config
     expected = run(ReferenceSNGM, dtype, **hyper)
     got = run(SNGM, dtype, **hyper, **IMPLEMENTATIONS[implementation])
@@ -62,7 +67,7 @@ def test_cuda_paths_match_the_reference(implementation: str, dtype: torch.dtype,
 def test_step_never_synchronises_with_the_host(implementation: str) -> None:
     params = make_params(torch.float32)
     optimizer = SNGM(params, lr=0.1, weight_decay=0.01, **IMPLEMENTATIONS[implementation])
-    for p, grad in zip(params, grads_for(0, params)):
+    for p, grad in zip(params, grads_for(0, params), strict=False):
         p.grad = grad
     optimizer.step()  # allocates the state outside the check
     torch.cuda.synchronize()
@@ -78,15 +83,18 @@ def test_step_never_synchronises_with_the_host(implementation: str) -> None:
 def test_non_finite_gradient_is_skipped_on_the_device(implementation: str) -> None:
     params = make_params(torch.float32)
     optimizer = SNGM(params, lr=0.1, **IMPLEMENTATIONS[implementation])
-    for p, grad in zip(params, grads_for(0, params)):
+    for p, grad in zip(params, grads_for(0, params), strict=False):
         p.grad = grad
     optimizer.step()
     before = [p.detach().clone() for p in params]
     momenta = [optimizer.state[p]["momentum_buffer"].clone() for p in params]
     params[0].grad[0, 0] = math.nan
     optimizer.step()
-    assert all(torch.equal(p, b) for p, b in zip(params, before))
-    assert all(torch.equal(optimizer.state[p]["momentum_buffer"], m) for p, m in zip(params, momenta))
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=False))
+    assert all(
+        torch.equal(optimizer.state[p]["momentum_buffer"], m)
+        for p, m in zip(params, momenta, strict=False)
+    )
     assert optimizer.skipped_steps == 1
 
 
@@ -97,7 +105,7 @@ def test_step_can_be_captured_in_a_cuda_graph(implementation: str) -> None:
     eager = SNGM(eager_params, lr=0.1, foreach=True)
     captured = SNGM(graph_params, lr=0.1, **IMPLEMENTATIONS[implementation])
     static_grads = [torch.zeros_like(p) for p in graph_params]
-    for p, grad in zip(graph_params, static_grads):
+    for p, grad in zip(graph_params, static_grads, strict=False):
         p.grad = grad
 
     stream = torch.cuda.Stream()
@@ -112,13 +120,15 @@ def test_step_can_be_captured_in_a_cuda_graph(implementation: str) -> None:
         captured.step()
 
     for step in range(5):
-        for p, grad, static in zip(eager_params, grads_for(step, eager_params), static_grads):
+        for p, grad, static in zip(
+            eager_params, grads_for(step, eager_params), static_grads, strict=False
+        ):
             p.grad = grad.clone()
             static.copy_(grad)
         eager.step()
         graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip(eager_params, graph_params):
+    for a, b in zip(eager_params, graph_params, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -134,9 +144,9 @@ def test_compiled_step_matches_eager() -> None:
 
     for step in range(4):
         for params in (eager_params, compiled_params):
-            for p, grad in zip(params, grads_for(step, params)):
+            for p, grad in zip(params, grads_for(step, params), strict=False):
                 p.grad = grad
         eager.step()
         compiled_step()
-    for a, b in zip(eager_params, compiled_params):
+    for a, b in zip(eager_params, compiled_params, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ def test_warmup_rises_linearly_then_decays_to_the_final_fraction(schedule: str) 
     assert [f(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
     assert f(10) == pytest.approx(1.0)
     values = [f(s) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     assert f(100) == pytest.approx(1.0 if schedule == "constant" else 0.1)
 
 

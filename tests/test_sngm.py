@@ -33,7 +33,11 @@ CONFIGS = [
 def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
-        torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+        torch.nn.Linear(5, 7),
+        torch.nn.Tanh(),
+        torch.nn.Linear(7, 6),
+        torch.nn.Tanh(),
+        torch.nn.Linear(6, 3),
     )
     return model.to(dtype)
 
@@ -47,8 +51,11 @@ def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
     ]
 
 
-def train(optimizer_factory: Callable[[torch.nn.Module], torch.optim.Optimizer],
-          dtype: torch.dtype, steps: int = 12) -> torch.nn.Module:  # fmt: skip
+def train(
+    optimizer_factory: Callable[[torch.nn.Module], torch.optim.Optimizer],
+    dtype: torch.dtype,
+    steps: int = 12,
+) -> torch.nn.Module:
     model = make_model(dtype)
     optimizer = optimizer_factory(model)
     data = torch.Generator().manual_seed(1)
@@ -70,7 +77,9 @@ def set_grads(params: list[torch.Tensor], seed: int = 3, scale: float = 1.0) -> 
         p.grad = (torch.randn(p.shape, generator=g) * scale).to(p.dtype)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain"
+)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_every_implementation_matches_the_reference(
@@ -134,10 +143,14 @@ def test_zero_gradient_leaves_parameters_unchanged(implementation: str) -> None:
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("normalize", ["global", "layer"])
-def test_non_finite_gradient_skips_the_whole_step(implementation: str, bad: float, normalize: str) -> None:
+def test_non_finite_gradient_skips_the_whole_step(
+    implementation: str, bad: float, normalize: str
+) -> None:
     model = make_model()
     params = list(model.parameters())
-    optimizer = SNGM(params, lr=0.1, weight_decay=0.01, normalize=normalize, **IMPLEMENTATIONS[implementation])
+    optimizer = SNGM(
+        params, lr=0.1, weight_decay=0.01, normalize=normalize, **IMPLEMENTATIONS[implementation]
+    )
     for step in range(2):
         set_grads(params, seed=step)
         optimizer.step()
@@ -149,23 +162,31 @@ def test_non_finite_gradient_skips_the_whole_step(implementation: str, bad: floa
     grads = [p.grad.clone() for p in params]
     optimizer.step()
 
-    assert all(torch.equal(p, w) for p, w in zip(params, weights))
-    assert all(torch.equal(optimizer.state[p]["momentum_buffer"], m) for p, m in zip(params, momenta))
+    assert all(torch.equal(p, w) for p, w in zip(params, weights, strict=False))
+    assert all(
+        torch.equal(optimizer.state[p]["momentum_buffer"], m)
+        for p, m in zip(params, momenta, strict=False)
+    )
     if implementation != "fused":  # the fused path folds weight decay into p.grad (documented)
-        assert all(torch.allclose(p.grad, g, rtol=0, atol=0, equal_nan=True) for p, g in zip(params, grads))
+        assert all(
+            torch.allclose(p.grad, g, rtol=0, atol=0, equal_nan=True)
+            for p, g in zip(params, grads, strict=False)
+        )
     assert optimizer.skipped_steps == 1
     assert not torch.isfinite(optimizer.last_grad_norm)
 
     set_grads(params, seed=8)
     optimizer.step()
     assert optimizer.skipped_steps == 1
-    assert all(not torch.equal(p, w) for p, w in zip(params, weights))
+    assert all(not torch.equal(p, w) for p, w in zip(params, weights, strict=False))
     assert all(torch.isfinite(p).all() for p in params)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_half_precision_accumulates_the_norm_in_float32(dtype: torch.dtype, implementation: str) -> None:
+def test_half_precision_accumulates_the_norm_in_float32(
+    dtype: torch.dtype, implementation: str
+) -> None:
     # 300^2 * 100 overflows float16's 65504 if squares were summed in float16.
     weights = torch.linspace(-1, 1, 100)
     grad = torch.full((100,), 300.0)
@@ -206,7 +227,9 @@ def test_invalid_hyperparameters_in_added_groups_are_rejected() -> None:
     with pytest.raises(ValueError, match="momentum=1.5"):
         optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "momentum": 1.5})
     with pytest.raises(ValueError, match="normalize must be the same"):
-        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "normalize": "layer"})
+        optimizer.add_param_group(
+            {"params": [torch.nn.Parameter(torch.zeros(2))], "normalize": "layer"}
+        )
 
 
 def test_sparse_gradients_raise_a_clear_error() -> None:
@@ -318,7 +341,9 @@ def test_deepcopy_gives_an_independent_optimizer() -> None:
     clone_param = clone.param_groups[0]["params"][0]
     clone_param.grad = torch.ones(3)
     clone.step()
-    assert not torch.equal(clone.state[clone_param]["momentum_buffer"], optimizer.state[p]["momentum_buffer"])
+    assert not torch.equal(
+        clone.state[clone_param]["momentum_buffer"], optimizer.state[p]["momentum_buffer"]
+    )
     assert torch.equal(p.detach(), torch.ones(3) - 0.1 / math.sqrt(3))
 
 
@@ -334,12 +359,14 @@ def test_group_with_zero_lr_leaves_its_parameters_bit_identical(implementation: 
     frozen = [p.detach().clone() for p in model[0].parameters()]
     optimizer = SNGM(
         [{"params": model[0].parameters(), "lr": 0.0}, {"params": model[2:].parameters()}],
-        lr=0.1, weight_decay=0.01, **IMPLEMENTATIONS[implementation],
-    )  # fmt: skip
+        lr=0.1,
+        weight_decay=0.01,
+        **IMPLEMENTATIONS[implementation],
+    )
     for step in range(3):
         set_grads(list(model.parameters()), seed=step)
         optimizer.step()
-    assert all(torch.equal(p, f) for p, f in zip(model[0].parameters(), frozen))
+    assert all(torch.equal(p, f) for p, f in zip(model[0].parameters(), frozen, strict=False))
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -23,7 +23,11 @@ HYPERPARAMETERS = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
 def full_model() -> torch.nn.Sequential:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)
+        torch.nn.Linear(6, 5),
+        torch.nn.Tanh(),
+        torch.nn.Linear(5, 4),
+        torch.nn.Tanh(),
+        torch.nn.Linear(4, 3),
     )
 
 
@@ -66,8 +70,11 @@ def split_parameters(rank: int, out: Path) -> None:
         optimizer.step()
     sngm_distributed.dist.all_reduce = counter._real  # type: ignore[assignment]
     torch.save(
-        {"params": {i: p.detach() for i, p in enumerate(params) if i % 2 == rank},
-         "all_reduces": counter.calls, "norm": optimizer.last_grad_norm},
+        {
+            "params": {i: p.detach() for i, p in enumerate(params) if i % 2 == rank},
+            "all_reduces": counter.calls,
+            "norm": optimizer.last_grad_norm,
+        },
         out / f"split_rank{rank}.pt",
     )
 
@@ -76,7 +83,7 @@ def full_model_at(model: torch.nn.Module) -> torch.nn.Module:
     """The full model with every rank's current weights (gathered for the gradient only)."""
     gathered = full_model()
     with torch.no_grad():
-        for i, (p, q) in enumerate(zip(gathered.parameters(), model.parameters())):
+        for i, (p, q) in enumerate(zip(gathered.parameters(), model.parameters(), strict=False)):
             owner = i % 2
             value = q.detach().clone()
             dist.broadcast(value, src=owner)
@@ -119,7 +126,9 @@ def fsdp2(rank: int, out: Path, normalize: str) -> None:
         torch.nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
         optimizer.step()
     full = [p.full_tensor().detach() for p in model.parameters()]
-    torch.save({"params": full, "norm": optimizer.last_grad_norm}, out / f"fsdp2_{normalize}_rank{rank}.pt")
+    torch.save(
+        {"params": full, "norm": optimizer.last_grad_norm}, out / f"fsdp2_{normalize}_rank{rank}.pt"
+    )
 
 
 def main() -> None:
