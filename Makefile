@@ -28,11 +28,16 @@ test: setup
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	bash .ci/lint.sh
 
 typecheck: setup
-	$(VENV)/bin/mypy sngm_integrations
+	$(VENV)/bin/mypy --strict sngm_integrations
+
+docs: setup
+	bash .ci/docs.sh
+
+wheel-smoke: setup
+	bash .ci/wheel_smoke.sh
 
 bench: setup
 	$(PY) benchmarks/step_time.py
