@@ -10,7 +10,7 @@ testing, BatchNorm statistics are recomputed on the training images
 lag behind the weights, for both optimizers alike.
 
 The defaults are sized for a CPU: a narrow network (width 8 instead of 16) and an
-8,192-image training subset, so that both runs finish in a few minutes on two cores. The
+8,192-image training subset, so that both runs finish in about six minutes on two cores. The
 full setting is a flag away::
 
     python examples/lightning_image_classification.py                      # CPU defaults
