@@ -9,6 +9,7 @@ pickling and ``copy`` all treat the new member like the original ones.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 __all__ = ["add_str_enum_member"]
 
@@ -38,7 +39,8 @@ def add_str_enum_member(enum_cls: type[Enum], name: str, value: str) -> Enum:
     if getattr(enum_cls, "_member_type_", None) is not str:
         raise TypeError(f"{enum_cls.__name__} is not a str Enum; cannot add {name}={value!r}")
 
-    member = str.__new__(enum_cls, value)
+    # Enum internals are untyped: the member is built as enum's own machinery builds it.
+    member: Any = str.__new__(enum_cls, value)  # type: ignore[type-var]
     member._name_ = name
     member._value_ = value
     member.__objclass__ = enum_cls

@@ -100,6 +100,6 @@ def register() -> None:
         add_str_enum_member(OptimizerNames, _MEMBER_NAME, OPTIM_NAME)
         current = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
         if not hasattr(current.__func__, _WRAPPED_MARKER):
-            Trainer.get_optimizer_cls_and_kwargs = staticmethod(
+            Trainer.get_optimizer_cls_and_kwargs = staticmethod(  # type: ignore[method-assign]
                 _wrap_optimizer_lookup(current.__func__)
             )

@@ -46,7 +46,7 @@ def build_optimizer(
     if name == "sngm":
         return SNGM(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "lars":
-        from timm.optim import Lars
+        from timm.optim.lars import Lars
 
         return Lars(
             params,

@@ -103,7 +103,7 @@ def environment(study: StudyConfig) -> dict[str, Any]:
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
+        info["cudnn"] = torch.backends.cudnn.version()  # type: ignore[no-untyped-call]
     else:
         info["device_name"] = platform.processor() or platform.machine()
         info["torch_threads_per_run"] = _threads_per_run(study)

@@ -97,7 +97,7 @@ def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -
                 logits = model(images).float()
             loss = nn.functional.cross_entropy(logits, data.train_labels[index])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it untyped
             optimizer.step()
             scheduler.step()
             loss_sum += loss.detach() * len(index)
