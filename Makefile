@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test lint typecheck docs wheel-smoke bench clean
+.PHONY: setup demo test test-transformers-4.47 lint typecheck docs wheel-smoke bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@if [ ! -d $(FASHION_MNIST) ]; then \
@@ -26,6 +26,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The Trainer integration against the oldest supported transformers, installed beside the venv.
+TF447 := $(VENV)/transformers-4.47
+test-transformers-4.47: setup
+	$(PY) -m pip install -q --target $(TF447) --no-deps transformers==4.47.1 \
+	  huggingface_hub==0.26.5 tokenizers==0.21.0 datasets==3.2.0
+	PYTHONPATH=$(TF447) $(PY) -m pytest tests/test_hf_trainer.py -q -p no:cacheprovider
 
 lint: setup
 	bash .ci/lint.sh
