@@ -190,7 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient_accumulation_steps", type=int, default=4)
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--weight_decay", type=float, default=0.01)
-    parser.add_argument("--sngm_lr", type=float, default=0.05)
+    parser.add_argument("--sngm_lr", type=float, default=0.1)
     parser.add_argument("--adamw_lr", type=float, default=1e-4)
     parser.add_argument(
         "--optimizers",
