@@ -226,7 +226,10 @@ class SNGM(Optimizer):
                     return int(counter.item())
         return 0
 
-    def _init_group(self, group: dict[str, Any]) -> SNGMParamGroup | None:
+    def _init_group(
+        self, group: dict[str, Any], skip_counters: list[Tensor]
+    ) -> SNGMParamGroup | None:
+        """Gather the group's tensors that have gradients, and their skip counters."""
         params: list[Tensor] = []
         grads: list[Tensor] = []
         buffers: list[Tensor] = []
@@ -244,6 +247,7 @@ class SNGM(Optimizer):
                 state["skipped_steps"] = torch.zeros(
                     (), dtype=torch.float32, device=local_tensor(p).device
                 )
+            skip_counters.append(state["skipped_steps"])
             buffer = state["momentum_buffer"]
             grad = p.grad
             if torch.is_complex(p):
@@ -277,7 +281,10 @@ class SNGM(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        groups = [g for g in (self._init_group(group) for group in self.param_groups) if g]
+        skip_counters: list[Tensor] = []
+        groups = [
+            g for g in (self._init_group(group, skip_counters) for group in self.param_groups) if g
+        ]
         if not groups:
             return loss
         first = self.param_groups[0]
@@ -290,13 +297,7 @@ class SNGM(Optimizer):
             fused=first["fused"],
         )
         self.last_grad_norm = stats.grad_norm
-        counters = [
-            self.state[p]["skipped_steps"]
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
-        _add_on_each_device(counters, stats.found_inf)
+        _add_on_each_device(skip_counters, stats.found_inf)
         return loss
 
 
@@ -411,13 +412,14 @@ class _OnDevice:
         return self._cache[key][1]
 
 
-def _default_to_fused(groups: Sequence[SNGMParamGroup]) -> bool:
+def _first_unfusable(groups: Sequence[SNGMParamGroup]) -> Tensor | None:
+    """The first parameter torch's fused kernel cannot take, or None if it takes them all."""
     supported = _get_fused_kernels_supported_devices()
-    return all(
-        local_tensor(p).device.type in supported and p.is_floating_point()
-        for group in groups
-        for p in group.params
-    )
+    for group in groups:
+        for p in group.params:
+            if local_tensor(p).device.type not in supported or not p.is_floating_point():
+                return p
+    return None
 
 
 def sngm(
@@ -440,17 +442,14 @@ def sngm(
     if fused and foreach:
         raise ValueError("fused=True and foreach=True cannot both be set: choose one")
     if fused is None and foreach is None:
-        fused = _default_to_fused(groups)
+        fused = _first_unfusable(groups) is None
+    elif fused and (unfusable := _first_unfusable(groups)) is not None:
+        raise RuntimeError(
+            "fused=True needs floating-point parameters on one of "
+            f"{_get_fused_kernels_supported_devices()}; got a {unfusable.dtype} parameter "
+            f"on {local_tensor(unfusable).device}"
+        )
     if fused:
-        supported = _get_fused_kernels_supported_devices()
-        for group in groups:
-            for p in group.params:
-                device = local_tensor(p).device
-                if device.type not in supported or not p.is_floating_point():
-                    raise RuntimeError(
-                        f"fused=True needs floating-point parameters on one of {supported}; "
-                        f"got a {p.dtype} parameter on {device}"
-                    )
         implementation = _fused_sngm
     elif foreach:
         implementation = _multi_tensor_sngm
