@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.optim import Optimizer
@@ -14,7 +13,11 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_callbacks._clipping import warn_if_norm_clipping
 from sngm_integrations import SNGM
-from sngm_integrations.distributed import global_squared_norm, per_tensor_squared_norms
+from sngm_integrations.distributed import (
+    accumulation_dtype,
+    global_squared_norm,
+    per_tensor_squared_norms,
+)
 
 __all__ = ["SNGMMonitor"]
 
@@ -32,10 +35,6 @@ class _StepRecord:
     update_norm: Tensor | None = None
     layer_grad_norms: list[Tensor] = field(default_factory=list)
     layer_update_norms: list[Tensor] = field(default_factory=list)
-
-
-def _norm_dtype(tensors: list[Tensor]) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 class SNGMMonitor(Callback):
@@ -111,7 +110,7 @@ class SNGMMonitor(Callback):
         if not record.params:
             return
         grads = [p.grad for p in record.params if p.grad is not None]
-        dtype = _norm_dtype(grads)
+        dtype = accumulation_dtype(grads)
         if self.per_layer:
             record.layer_grad_norms = [n.sqrt() for n in per_tensor_squared_norms(grads, dtype)]
         if not isinstance(optimizer, SNGM):
@@ -131,7 +130,7 @@ class SNGMMonitor(Callback):
             record.grad_norm = optimizer.last_grad_norm
         if record.before:
             updates = [p.detach() - b for p, b in zip(record.params, record.before, strict=True)]
-            dtype = _norm_dtype(updates)
+            dtype = accumulation_dtype(updates)
             process_group = getattr(optimizer, "process_group", None)
             record.update_norm = global_squared_norm(updates, dtype, process_group).sqrt()
             if self.per_layer:

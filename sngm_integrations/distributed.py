@@ -17,7 +17,7 @@ one per tensor, and none of them synchronises the host with the device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ except ImportError:  # torch < 2.5 keeps DTensor in a private module
     from torch.distributed._tensor.placement_types import Partial, Shard
 
 __all__ = [
+    "accumulation_dtype",
     "global_squared_norm",
     "is_dtensor",
     "local_tensor",
@@ -38,6 +39,11 @@ __all__ = [
 ]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
+    """The dtype to accumulate norms of ``tensors`` in: float64 if any is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def is_dtensor(tensor: Tensor) -> bool:

@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from sngm_integrations.distributed import (
+    accumulation_dtype,
     global_squared_norm,
     local_tensor,
     per_tensor_squared_norms,
@@ -358,10 +359,6 @@ def _descent_directions(groups: Sequence[SNGMParamGroup], in_place: bool) -> _Di
     return _Directions(vectors, signs)
 
 
-def _accumulation_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 class _Scale(NamedTuple):
     """The device scalars of one step: the norm, whether it is finite, and 1/norm."""
 
@@ -378,7 +375,7 @@ def _compute_scale(
     eps: float,
     process_group: dist.ProcessGroup | None,
 ) -> _Scale:
-    acc_dtype = _accumulation_dtype(vectors)
+    acc_dtype = accumulation_dtype(vectors)
     if normalize == "global":
         norm = global_squared_norm(vectors, acc_dtype, process_group).sqrt()
         finite = torch.isfinite(norm)
