@@ -17,7 +17,7 @@ one per tensor, and none of them synchronises the host with the device.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,8 @@ __all__ = [
     "is_dtensor",
     "local_tensor",
     "per_tensor_squared_norms",
+    "reduction_classes",
+    "sum_on",
 ]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -76,8 +78,9 @@ def _local_squared_norms(tensors: Sequence[Tensor], acc_dtype: torch.dtype) -> l
             continue
         norm_dtype = acc_dtype if dtype in _HALF_DTYPES else None
         norms = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=norm_dtype)
-        for i, norm in zip(indices, norms, strict=True):
-            out[i] = norm.to(acc_dtype).square()
+        squares = torch.stack(norms).to(acc_dtype).square()  # a few launches, not one per tensor
+        for i, square in zip(indices, squares.unbind(), strict=True):
+            out[i] = square
     return [t for t in out if t is not None]
 
 
@@ -126,14 +129,46 @@ def per_tensor_squared_norms(tensors: Sequence[Tensor], acc_dtype: torch.dtype) 
     )
 
 
-def _sum_on(values: Sequence[Tensor], device: torch.device) -> Tensor:
+def sum_on(values: Sequence[Tensor], device: torch.device) -> Tensor:
+    """The sum of 0-dim tensors, on ``device`` (one value is returned as it is)."""
+    if len(values) == 1 and values[0].device == device:
+        return values[0]
     return torch.stack([v.to(device, non_blocking=True) for v in values]).sum()
+
+
+def reduction_classes(
+    tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None = None
+) -> list[tuple[list[dist.ProcessGroup], list[int]]]:
+    """Split ``tensors`` into classes whose local squared norms are summed over the same groups.
+
+    Returns ``(groups, indices)`` pairs: plain tensors form one class, reduced over
+    ``process_group`` when it is given and over nothing otherwise; DTensors form one class
+    per layout (mesh and placements), reduced over the mesh dimensions they are sharded on.
+    Summing each class's local squared norms, all-reducing the sum over its groups and
+    adding the classes gives the squared norm of the full tensors.
+    """
+    plain: list[int] = []
+    by_layout: dict[tuple[object, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if isinstance(t, DTensor):
+            by_layout.setdefault((t.device_mesh, tuple(t.placements)), []).append(i)
+        else:
+            plain.append(i)
+    classes: list[tuple[list[dist.ProcessGroup], list[int]]] = []
+    if plain:
+        classes.append(([process_group] if process_group is not None else [], plain))
+    for indices in by_layout.values():
+        first = tensors[indices[0]]
+        assert isinstance(first, DTensor)
+        classes.append((_shard_groups(first), indices))
+    return classes
 
 
 def global_squared_norm(
     tensors: Sequence[Tensor],
     acc_dtype: torch.dtype,
     process_group: dist.ProcessGroup | None = None,
+    local_squared_sum: Callable[[list[int]], Tensor] | None = None,
 ) -> Tensor:
     """Squared L2 norm of all ``tensors`` taken together, as a 0-dim ``acc_dtype`` tensor.
 
@@ -142,19 +177,24 @@ def global_squared_norm(
         acc_dtype: Accumulation dtype (float32 for half precision, float64 for float64).
         process_group: When given, plain tensors are taken to be this rank's disjoint
             flat shards of the model, and their squared norm is summed over the group.
+        local_squared_sum: Computes the sum of the local squared norms of the tensors at
+            the given indices, as a 0-dim tensor on the first tensor's device (a fused
+            kernel can supply it). By default, foreach norms of the local tensors.
 
     Returns:
-        A 0-dim tensor on the device of the first tensor's local data.
+        A 0-dim tensor on the device of the first tensor's local data: one all-reduce
+        per reduction class (see `reduction_classes`), none for plain tensors alone.
     """
     device = local_tensor(tensors[0]).device
-    plain = [t for t in tensors if not isinstance(t, DTensor)]
-    sharded = [t for t in tensors if isinstance(t, DTensor)]
+
+    def local_norms(indices: list[int]) -> Tensor:
+        locals_ = [local_tensor(tensors[i]) for i in indices]
+        return sum_on(_local_squared_norms(locals_, acc_dtype), device)
+
     totals: list[Tensor] = []
-    if plain:
-        plain_total = _sum_on(_local_squared_norms(plain, acc_dtype), device)
-        if process_group is not None:
-            dist.all_reduce(plain_total, group=process_group)
-        totals.append(plain_total)
-    if sharded:
-        totals.append(_sum_on(_dtensor_squared_norms(sharded, acc_dtype), device))
-    return _sum_on(totals, device)
+    for groups, indices in reduction_classes(tensors, process_group):
+        total = (local_squared_sum or local_norms)(indices)
+        for group in groups:
+            dist.all_reduce(total, group=group)
+        totals.append(total)
+    return sum_on(totals, device)

@@ -11,15 +11,18 @@ model (all parameter groups together), is
 This module follows the layout of `torch.optim.SGD`: `SNGM` validates arguments and
 gathers tensors; the functional `sngm` computes the norm once and dispatches to
 `_single_tensor_sngm` (a readable per-tensor loop), `_multi_tensor_sngm` (foreach kernels)
-or `_fused_sngm` (torch's fused SGD kernel, fed the norm as its `grad_scale`).
+or a fused path: `_fused_sngm_triton` (two multi-tensor Triton launches, see
+`sngm_integrations.triton_sngm`) where it applies, else `_fused_sngm` (torch's fused SGD
+kernel, fed the norm as its `grad_scale`).
 `sngm_integrations.reference` holds a literal twin that the tests hold all three to.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -32,11 +35,18 @@ from sngm_integrations.distributed import (
     global_squared_norm,
     local_tensor,
     per_tensor_squared_norms,
+    reduction_classes,
+    sum_on,
 )
+
+if TYPE_CHECKING:
+    from sngm_integrations.triton_sngm import BucketPlan, PlanCache
 
 __all__ = ["SNGM", "SNGMParamGroup", "SNGMStepStats", "sngm"]
 
 NORMALIZE_MODES = ("global", "layer")
+FUSED_BACKENDS = ("auto", "triton", "torch")
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -69,6 +79,14 @@ def _validate_hyperparameters(
     if nesterov and momentum == 0.0:
         raise ValueError(
             f"Invalid nesterov: nesterov={nesterov} needs momentum > 0, got momentum={momentum}"
+        )
+
+
+def _validate_fused_backend(fused_backend: str) -> None:
+    if fused_backend not in FUSED_BACKENDS:
+        raise ValueError(
+            f"Invalid fused_backend: fused_backend={fused_backend!r} "
+            f"(choose one of {FUSED_BACKENDS})"
         )
 
 
@@ -113,23 +131,31 @@ class SNGM(Optimizer):
             so a zero gradient gives a zero step instead of `0/0`.
         maximize: Maximize the objective instead of minimizing it.
         foreach: Use the foreach (multi-tensor) implementation.
-        fused: Use the fused implementation (torch's fused SGD kernel). The default, when
-            neither `foreach` nor `fused` is given, is fused on devices torch has fused
-            kernels for (CPU and CUDA among them), otherwise foreach.
+        fused: Use the fused implementation. The default, when neither `foreach` nor
+            `fused` is given, is fused on devices torch has fused kernels for (CPU and
+            CUDA among them), otherwise foreach.
+        fused_backend: Which kernels the fused implementation uses. `"auto"` (default):
+            SNGM's Triton kernels for float32/float16/bfloat16 CUDA tensors with
+            `normalize="global"` when Triton is installed, otherwise torch's fused SGD
+            kernel. `"triton"` insists on the Triton kernels (an error where they do not
+            apply); `"torch"` always uses torch's kernel. In a CUDA graph capture before
+            any eager step, torch's kernel is used. Under `torch.compile`, which can
+            trace neither kernel, the fused path runs as the foreach implementation and
+            the compiler fuses it.
         process_group: For flat-sharded optimizers (FSDP1 with `use_orig_params`,
             DeepSpeed ZeRO-1/2), the group over which each rank's shards are summed to give
             the global norm. Leave `None` for one process, DDP and DTensor (FSDP2)
             parameters, which are handled without it.
 
     Warning:
-        The fused implementation (the default on CPU and CUDA) overwrites `p.grad`: after
-        `step()` it holds the normalized direction `d / ||d||` (torch's fused kernel
-        writes the scaled gradient back, and weight decay is folded into the gradient in
-        place to save a copy; after a skipped step it holds `d`). The
-        next `zero_grad()` clears it as usual, and norm clipping or loss scaling before
-        `step()` are unaffected, but code that reads `p.grad` *after* `step()` sees
-        these values. Pass `foreach=True` (or `fused=False`) to leave gradients
-        untouched.
+        The fused implementation on torch's kernel (the default on CPU, and on CUDA where
+        the Triton kernels do not apply) overwrites `p.grad`: after `step()` it holds the
+        normalized direction `d / ||d||` (torch's fused kernel writes the scaled gradient
+        back, and weight decay is folded into the gradient in place to save a copy; after
+        a skipped step it holds `d`). The next `zero_grad()` clears it as usual, and norm
+        clipping or loss scaling before `step()` are unaffected, but code that reads
+        `p.grad` *after* `step()` sees these values. The Triton kernels and
+        `foreach=True` (or `fused=False`) leave gradients untouched.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -151,9 +177,11 @@ class SNGM(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        fused_backend: str = "auto",
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         _validate_hyperparameters(lr, momentum, weight_decay, nesterov, normalize, eps)
+        _validate_fused_backend(fused_backend)
         if fused and foreach:
             raise ValueError("fused=True and foreach=True cannot both be set: choose one")
         if process_group is not None and normalize == "layer":
@@ -173,7 +201,9 @@ class SNGM(Optimizer):
             fused=fused,
         )
         self.process_group = process_group
+        self.fused_backend = fused_backend
         self.last_grad_norm: Tensor | None = None
+        self._triton_plans: PlanCache | None = None
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -199,7 +229,9 @@ class SNGM(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("fused_backend", "auto")
         self.__dict__.setdefault("last_grad_norm", None)
+        self.__dict__.setdefault("_triton_plans", None)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
@@ -212,6 +244,7 @@ class SNGM(Optimizer):
         state = super().__getstate__()
         state = dict(state)
         state["process_group"] = None  # process groups cannot be copied or pickled
+        state["_triton_plans"] = None  # tables of device pointers, rebuilt on demand
         return state
 
     @property
@@ -228,12 +261,19 @@ class SNGM(Optimizer):
         return 0
 
     def _init_group(
-        self, group: dict[str, Any], skip_counters: list[Tensor]
-    ) -> SNGMParamGroup | None:
-        """Gather the group's tensors that have gradients, and their skip counters."""
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        buffers: list[Tensor] = []
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        buffers: list[Tensor],
+        skip_counters: list[Tensor],
+    ) -> bool:
+        """Append the group's tensors that have gradients, and their skip counters.
+
+        Like torch.optim's optimizers, it fills the lists it is given and returns a plain
+        value (whether the group has any gradient): torch.compile runs a method of this
+        name eagerly and expects exactly that.
+        """
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -256,18 +296,7 @@ class SNGM(Optimizer):
             params.append(p)
             grads.append(grad)
             buffers.append(buffer)
-        if not params:
-            return None
-        return SNGMParamGroup(
-            params=params,
-            grads=grads,
-            momentum_buffers=buffers,
-            lr=group["lr"],
-            momentum=group["momentum"],
-            weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
-        )
+        return bool(params)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -283,12 +312,31 @@ class SNGM(Optimizer):
                 loss = closure()
 
         skip_counters: list[Tensor] = []
-        groups = [
-            g for g in (self._init_group(group, skip_counters) for group in self.param_groups) if g
-        ]
+        groups: list[SNGMParamGroup] = []
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            buffers: list[Tensor] = []
+            if self._init_group(group, params, grads, buffers, skip_counters):
+                groups.append(
+                    SNGMParamGroup(
+                        params=params,
+                        grads=grads,
+                        momentum_buffers=buffers,
+                        lr=group["lr"],
+                        momentum=group["momentum"],
+                        weight_decay=group["weight_decay"],
+                        nesterov=group["nesterov"],
+                        maximize=group["maximize"],
+                    )
+                )
         if not groups:
             return loss
         first = self.param_groups[0]
+        if self._triton_plans is None and _TRITON_INSTALLED:
+            from sngm_integrations.triton_sngm import PlanCache
+
+            self._triton_plans = PlanCache()
         stats = sngm(
             groups,
             normalize=first["normalize"],
@@ -296,6 +344,8 @@ class SNGM(Optimizer):
             process_group=self.process_group,
             foreach=first["foreach"],
             fused=first["fused"],
+            fused_backend=self.fused_backend,
+            triton_plans=self._triton_plans,
         )
         self.last_grad_norm = stats.grad_norm
         _add_on_each_device(skip_counters, stats.found_inf)
@@ -369,6 +419,14 @@ class _Scale(NamedTuple):
     norm_floor: Tensor | None  # max(norm, eps), for "global" only
 
 
+def _global_scale(squared_norm: Tensor, eps: float) -> _Scale:
+    norm = squared_norm.sqrt()
+    finite = torch.isfinite(norm)
+    floor = norm.clamp(min=eps)
+    inverse = torch.where(finite, floor.reciprocal(), 0.0)
+    return _Scale(norm, finite, (~finite).to(torch.float32), [inverse], floor)
+
+
 def _compute_scale(
     vectors: Sequence[Tensor],
     normalize: str,
@@ -377,11 +435,7 @@ def _compute_scale(
 ) -> _Scale:
     acc_dtype = accumulation_dtype(vectors)
     if normalize == "global":
-        norm = global_squared_norm(vectors, acc_dtype, process_group).sqrt()
-        finite = torch.isfinite(norm)
-        floor = norm.clamp(min=eps)
-        inverse = torch.where(finite, floor.reciprocal(), 0.0)
-        return _Scale(norm, finite, (~finite).to(torch.float32), [inverse], floor)
+        return _global_scale(global_squared_norm(vectors, acc_dtype, process_group), eps)
     if process_group is not None:
         raise ValueError(
             "normalize='layer' cannot be used with process_group (flat-sharded parameters)"
@@ -427,17 +481,26 @@ def sngm(
     process_group: dist.ProcessGroup | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
+    fused_backend: str = "auto",
+    triton_plans: PlanCache | None = None,
 ) -> SNGMStepStats:
     r"""Functional SNGM: update `groups` in place with one shared gradient norm.
 
-    See `SNGM` for the algorithm. The norm is computed once (on the device, reduced
-    over shards when needed), then every group is updated by the chosen implementation.
+    See `SNGM` for the algorithm and the arguments. The norm is computed once (on the
+    device, reduced over shards when needed), then every group is updated by the chosen
+    implementation. `triton_plans` keeps the Triton kernels' pointer tables from one step
+    to the next; without it they are rebuilt every step.
 
     Returns:
         The step's gradient norm and whether it was skipped, as device tensors.
     """
+    _validate_fused_backend(fused_backend)
     if fused and foreach:
         raise ValueError("fused=True and foreach=True cannot both be set: choose one")
+    if not foreach and fused is not False:
+        plans = _triton_bucket_plans(groups, normalize, process_group, fused_backend, triton_plans)
+        if plans is not None:
+            return _fused_sngm_triton(groups, plans, eps, process_group)
     if fused is None and foreach is None:
         fused = _first_unfusable(groups) is None
     elif fused and (unfusable := _first_unfusable(groups)) is not None:
@@ -446,7 +509,10 @@ def sngm(
             f"{_get_fused_kernels_supported_devices()}; got a {unfusable.dtype} parameter "
             f"on {local_tensor(unfusable).device}"
         )
-    if fused:
+    if fused and torch.compiler.is_compiling():
+        # Neither fused kernel can be traced; Inductor fuses the foreach ops instead.
+        implementation = _multi_tensor_sngm
+    elif fused:
         implementation = _fused_sngm
     elif foreach:
         implementation = _multi_tensor_sngm
@@ -587,10 +653,152 @@ def _fused_sngm(groups: Sequence[SNGMParamGroup], directions: _Directions, scale
             )
 
 
+_TritonPlans = dict[int, list[tuple[int, "BucketPlan"]]]
+"""For each reduction class (keyed by its first flat index): (group index, plan) pairs."""
+
+
+def _triton_bucket_plans(
+    groups: Sequence[SNGMParamGroup],
+    normalize: str,
+    process_group: dist.ProcessGroup | None,
+    backend: str,
+    cache: PlanCache | None,
+) -> _TritonPlans | None:
+    """The Triton kernels' plans for this step, or None when torch's fused kernel takes it.
+
+    A step's plan, or the reason it has none, is cached under the addresses of all its
+    tensors, so that a step like the last one costs only building that key.
+    """
+
+    def unavailable(reason: str) -> _TritonPlans | None:
+        if backend == "triton":
+            raise RuntimeError(f"fused_backend='triton' cannot take this step: {reason}")
+        return None
+
+    if backend == "torch" or torch.compiler.is_compiling():
+        return None
+    first = local_tensor(groups[0].params[0])
+    if backend == "auto" and not first.is_cuda:  # CPU tensors run only in the interpreter
+        return None
+    if normalize != "global":
+        return unavailable(f"normalize={normalize!r} (the kernels take 'global' only)")
+    if not _TRITON_INSTALLED:
+        return unavailable("Triton is not installed")
+
+    params = [local_tensor(p) for group in groups for p in group.params]
+    grads = [local_tensor(g) for group in groups for g in group.grads]
+    buffers = [local_tensor(u) for group in groups for u in group.momentum_buffers]
+    key = (
+        tuple(map(Tensor.data_ptr, params)),
+        tuple(map(Tensor.data_ptr, grads)),
+        tuple(map(Tensor.data_ptr, buffers)),
+        tuple(map(Tensor.numel, grads)),
+        tuple(len(group.params) for group in groups),
+        id(process_group),
+    )
+    found = cache.get(key) if cache is not None else None
+    if found is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # A plan's tables are copied from host memory that is reused after the copy;
+            # a graph must not record that copy.
+            return unavailable("a CUDA graph is being captured before any eager step")
+        found = _plan_triton_step(groups, params, grads, buffers, process_group, backend)
+        if cache is not None:
+            cache.put(key, found)
+    if isinstance(found, str):
+        return unavailable(found)
+    return cast(_TritonPlans, found)
+
+
+def _plan_triton_step(
+    groups: Sequence[SNGMParamGroup],
+    params: list[Tensor],
+    grads: list[Tensor],
+    buffers: list[Tensor],
+    process_group: dist.ProcessGroup | None,
+    backend: str,
+) -> _TritonPlans | str:
+    """Bucket the step's local tensors by reduction class, group and dtype, and build each
+    bucket's tables; or say why the kernels cannot take the step."""
+    from sngm_integrations import triton_sngm
+
+    for p in params:
+        if not triton_sngm.supports(p) or (backend == "auto" and not p.is_cuda):
+            return f"a {p.dtype} parameter on {p.device}"
+    group_of = [i for i, group in enumerate(groups) for _ in group.params]
+    full_grads = [g for group in groups for g in group.grads]
+    plans: _TritonPlans = {}
+    for _, indices in reduction_classes(full_grads, process_group):
+        buckets: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
+        for i in indices:
+            buckets.setdefault((group_of[i], params[i].device, params[i].dtype), []).append(i)
+        class_plans = plans.setdefault(indices[0], [])
+        for (group_index, _, _), members in buckets.items():
+            plan = triton_sngm.plan_bucket(
+                [params[i] for i in members],
+                [grads[i] for i in members],
+                [buffers[i] for i in members],
+            )
+            if plan is None:
+                return "a gradient or momentum buffer does not share its parameter's dense layout"
+            if plan.num_chunks:
+                class_plans.append((group_index, plan))
+    return plans
+
+
+def _fused_sngm_triton(
+    groups: Sequence[SNGMParamGroup],
+    plans: _TritonPlans,
+    eps: float,
+    process_group: dist.ProcessGroup | None,
+) -> SNGMStepStats:
+    """SNGM's Triton kernels: one norm launch and one update launch per bucket.
+
+    `d = ±g + λw` is formed inside the kernels, so nothing is materialized and `p.grad`
+    is left as it was.
+    """
+    from sngm_integrations import triton_sngm
+
+    grads = [g for group in groups for g in group.grads]
+    device = local_tensor(grads[0]).device
+
+    def local_squared_sum(indices: list[int]) -> Tensor:
+        coefficient = [-g.weight_decay if g.maximize else g.weight_decay for g in groups]
+        sums = [
+            triton_sngm.squared_norm(plan, coefficient[group_index])
+            for group_index, plan in plans[indices[0]]
+        ]
+        if not sums:
+            return torch.zeros((), dtype=torch.float32, device=device)
+        return sum_on(sums, device)
+
+    squared = global_squared_norm(grads, torch.float32, process_group, local_squared_sum)
+    to_device = _OnDevice()
+    for class_plans in plans.values():
+        for group_index, plan in class_plans:
+            group = groups[group_index]
+            plan_device = plan.table.device
+            lr = to_device(group.lr, plan_device) if isinstance(group.lr, Tensor) else group.lr
+            triton_sngm.update(
+                plan,
+                to_device(squared, plan_device),
+                eps,
+                lr,
+                group.momentum,
+                group.weight_decay,
+                group.nesterov,
+                group.maximize,
+            )
+    grad_norm = squared.sqrt()
+    return SNGMStepStats(grad_norm, (~torch.isfinite(grad_norm)).to(torch.float32))
+
+
 def _add_on_each_device(counters: list[Tensor], value: Tensor) -> None:
     to_device = _OnDevice()
     by_device: dict[torch.device, list[Tensor]] = {}
     for counter in counters:
         by_device.setdefault(counter.device, []).append(counter)
     for device, tensors in by_device.items():
-        torch._foreach_add_(tensors, to_device(value, device))
+        # A list, not one tensor: torch's foreach add of a tensor scalar reads the scalar
+        # on the host on CUDA (a synchronisation, and an error under graph capture).
+        torch._foreach_add_(tensors, [to_device(value, device)] * len(tensors))

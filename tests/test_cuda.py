@@ -1,5 +1,9 @@
 """SNGM on CUDA: every path against the reference, no host synchronisation, CUDA graphs
-and torch.compile. Skipped where no CUDA device is present."""
+and torch.compile. Skipped where no CUDA device is present.
+
+"fused" is the default fused path (SNGM's Triton kernels where they apply, on float32 and
+bfloat16 with normalize="global"); "fused-torch" forces torch's fused SGD kernel.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ IMPLEMENTATIONS = {
     "single": dict(foreach=False, fused=False),
     "foreach": dict(foreach=True),
     "fused": dict(fused=True),
+    "fused-torch": dict(fused=True, fused_backend="torch"),
 }
 
 
@@ -132,11 +137,12 @@ def test_step_can_be_captured_in_a_cuda_graph(implementation: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_step_matches_eager() -> None:
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])
+def test_compiled_step_matches_eager(implementation: str) -> None:
     eager_params = make_params(torch.float32)
     compiled_params = make_params(torch.float32)
     eager = SNGM(eager_params, lr=0.1, weight_decay=0.01, foreach=True)
-    compiled = SNGM(compiled_params, lr=0.1, weight_decay=0.01, foreach=True)
+    compiled = SNGM(compiled_params, lr=0.1, weight_decay=0.01, **IMPLEMENTATIONS[implementation])
 
     @torch.compile(fullgraph=False)
     def compiled_step() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -17,10 +18,26 @@ sys.path.insert(0, str(WORKER.parent))
 import sharded_sngm_worker as worker  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sharded")
+@pytest.fixture(
+    scope="module",
+    params=[
+        "auto",
+        pytest.param(
+            "triton",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("triton") is None, reason="needs Triton"
+            ),
+        ),
+    ],
+)
+def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each scenario's saved tensors, with SNGM's default kernels and with its Triton
+    kernels (through Triton's interpreter on CPU)."""
+    backend = request.param
+    out = tmp_path_factory.mktemp(f"sharded_{backend}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if backend == "triton":  # the workers' tensors are on the CPU
+        env["TRITON_INTERPRET"] = "1"
     cmd = [
         sys.executable,
         "-m",
@@ -30,6 +47,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--standalone",
         str(WORKER),
         str(out),
+        backend,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

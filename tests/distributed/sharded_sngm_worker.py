@@ -2,7 +2,8 @@
 
 Each scenario saves this rank's resulting tensors to OUT/<scenario>_rank<r>.pt; the test
 compares them with one process stepping the whole model (tests/test_distributed.py).
-Usage: python -m torch.distributed.run --nproc_per_node 2 sharded_sngm_worker.py OUT
+Usage: python -m torch.distributed.run --nproc_per_node 2 sharded_sngm_worker.py OUT [BACKEND]
+BACKEND is SNGM's fused_backend ("auto" by default; "triton" on CPU needs TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sngm_integrations import SNGM
 
 STEPS = 3
 HYPERPARAMETERS = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+FUSED_BACKEND = sys.argv[2] if len(sys.argv) > 2 else "auto"
 
 
 def full_model() -> torch.nn.Sequential:
@@ -60,7 +62,9 @@ def split_parameters(rank: int, out: Path) -> None:
     model = full_model()
     params = list(model.parameters())
     mine = [p for i, p in enumerate(params) if i % 2 == rank]
-    optimizer = SNGM(mine, **HYPERPARAMETERS, process_group=dist.group.WORLD)
+    optimizer = SNGM(
+        mine, **HYPERPARAMETERS, process_group=dist.group.WORLD, fused_backend=FUSED_BACKEND
+    )
     counter = CountingAllReduce()
     sngm_distributed.dist.all_reduce = counter  # type: ignore[assignment]
     for step in range(STEPS):
@@ -97,7 +101,9 @@ def flat_shards(rank: int, out: Path) -> None:
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     half = (flat.numel() + 1) // 2
     shard = flat[rank * half : (rank + 1) * half].clone().requires_grad_(True)
-    optimizer = SNGM([shard], **HYPERPARAMETERS, process_group=dist.group.WORLD)
+    optimizer = SNGM(
+        [shard], **HYPERPARAMETERS, process_group=dist.group.WORLD, fused_backend=FUSED_BACKEND
+    )
     for step in range(STEPS):
         pieces = [torch.empty(half) for _ in range(2)]
         dist.all_gather(pieces, torch.nn.functional.pad(shard.detach(), (0, half - shard.numel())))
@@ -118,7 +124,10 @@ def fsdp2(rank: int, out: Path, normalize: str) -> None:
     for layer in (model[0], model[2], model[4]):
         fully_shard(layer)
     fully_shard(model)
-    optimizer = SNGM(model.parameters(), **HYPERPARAMETERS, normalize=normalize)
+    backend = FUSED_BACKEND if normalize == "global" else "auto"  # Triton: global only
+    optimizer = SNGM(
+        model.parameters(), **HYPERPARAMETERS, normalize=normalize, fused_backend=backend
+    )
     for step in range(STEPS):
         x, y = batch(step)
         rows = slice(rank * 4, (rank + 1) * 4)

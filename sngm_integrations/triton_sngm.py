@@ -1,0 +1,325 @@
+"""Triton kernels for SNGM's fused path on CUDA: two multi-tensor launches per step.
+
+Torch's fused SGD kernel, fed the norm as its `grad_scale`, writes the scaled gradient
+back into `p.grad`, and weight decay has to be folded into the gradient beforehand. These
+kernels take neither detour. For each bucket of tensors (one parameter group, one dtype):
+
+* `_squared_norm_kernel` reads `g` (and `w` when weight decay is on) and writes one
+  float32 partial sum of `(g + sign * lambda * w)^2` per chunk; the partials are summed
+  in a fixed order, so the norm is deterministic.
+* `_update_kernel` reads `w`, `g` and `u` and writes `w` and `u`, forming
+  `d = sign * g + lambda * w` in registers and dividing it by `max(||d||, eps)`, from the
+  squared norm it is given. It does nothing when that norm is not finite.
+
+With weight decay off that is 6 passes over the data against momentum SGD's 5, the floor
+for SNGM; `p.grad` is left untouched. Every launch covers all tensors of its bucket: a
+program handles one chunk of one tensor, found through a table of data pointers that
+is copied to the device once and reused while the tensors stay where they are.
+
+Used by `sngm_integrations.sngm` for parameters on CUDA in float32, float16 or bfloat16
+with `normalize="global"`, when Triton is installed. With `TRITON_INTERPRET=1` the same
+kernels run on CPU tensors through Triton's interpreter, which is how the CPU tests hold
+them against the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton ships with torch's CUDA builds only
+    triton = None
+
+__all__ = ["AVAILABLE", "BucketPlan", "PlanCache", "plan_bucket", "squared_norm", "update"]
+
+AVAILABLE = triton is not None
+INTERPRETED = AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+BLOCK = 2048  # elements per loop iteration of one program
+CHUNK = 32 * BLOCK  # elements per program: enough work to hide the table lookups
+NUM_WARPS = 8
+
+if AVAILABLE:
+    _TL_DTYPES = {
+        torch.float32: tl.float32,
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+    }
+
+    @triton.jit
+    def _load(ptr, index, end, MASKED: tl.constexpr):
+        if MASKED:
+            value = tl.load(ptr + index, mask=index < end, other=0.0)
+        else:
+            value = tl.load(ptr + index)
+        return value.to(tl.float32)
+
+    @triton.jit
+    def _store(ptr, index, end, value, MASKED: tl.constexpr):
+        if MASKED:
+            tl.store(ptr + index, value.to(ptr.dtype.element_ty), mask=index < end)
+        else:
+            tl.store(ptr + index, value.to(ptr.dtype.element_ty))
+
+    @triton.jit
+    def _chunk(table, chunks, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
+        """This program's chunk: the w, g and u pointers and the element range."""
+        pid = tl.program_id(0)
+        tensor = tl.load(chunks + 2 * pid)
+        start = tl.multiple_of(tl.load(chunks + 2 * pid + 1), CHUNK)
+        end = tl.minimum(start + CHUNK, tl.load(table + 4 * tensor + 3))
+        w_ptr = tl.load(table + 4 * tensor).to(tl.pointer_type(DTYPE))
+        g_ptr = tl.load(table + 4 * tensor + 1).to(tl.pointer_type(DTYPE))
+        u_ptr = tl.load(table + 4 * tensor + 2).to(tl.pointer_type(DTYPE))
+        if ALIGNED:  # every pointer 16-byte aligned (checked on the host): vector accesses
+            w_ptr = tl.multiple_of(w_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            u_ptr = tl.multiple_of(u_ptr, 16)
+        return w_ptr, g_ptr, u_ptr, start, end
+
+    @triton.jit
+    def _squared_block(w_ptr, g_ptr, index, end, coefficient, HAS_WEIGHT_DECAY, MASKED):
+        d = _load(g_ptr, index, end, MASKED)
+        if HAS_WEIGHT_DECAY:
+            d += coefficient * _load(w_ptr, index, end, MASKED)
+        return d * d
+
+    @triton.jit
+    def _squared_norm_kernel(
+        table,
+        chunks,
+        partials,
+        weight_decay_coefficient,
+        DTYPE: tl.constexpr,
+        HAS_WEIGHT_DECAY: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        BLOCK: tl.constexpr,
+        CHUNK: tl.constexpr,
+    ):
+        w_ptr, g_ptr, _, start, end = _chunk(table, chunks, DTYPE, ALIGNED, CHUNK)
+        full_end = start + (end - start) // BLOCK * BLOCK
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for block in range(0, (full_end - start) // BLOCK):  # whole blocks: no mask
+            index = start + block * BLOCK + tl.arange(0, BLOCK)
+            acc += _squared_block(
+                w_ptr, g_ptr, index, end, weight_decay_coefficient, HAS_WEIGHT_DECAY, False
+            )
+        if full_end < end:
+            index = full_end + tl.arange(0, BLOCK)
+            acc += _squared_block(
+                w_ptr, g_ptr, index, end, weight_decay_coefficient, HAS_WEIGHT_DECAY, True
+            )
+        tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _update_block(
+        w_ptr,
+        g_ptr,
+        u_ptr,
+        index,
+        end,
+        scale,
+        step_size,
+        momentum,
+        grad_sign,
+        weight_decay,
+        HAS_WEIGHT_DECAY: tl.constexpr,
+        HAS_MOMENTUM: tl.constexpr,
+        NESTEROV: tl.constexpr,
+        MASKED: tl.constexpr,
+    ):
+        w = _load(w_ptr, index, end, MASKED)
+        d = grad_sign * _load(g_ptr, index, end, MASKED)
+        if HAS_WEIGHT_DECAY:
+            d += weight_decay * w
+        d *= scale
+        direction = d
+        if HAS_MOMENTUM:
+            u = momentum * _load(u_ptr, index, end, MASKED) + d
+            _store(u_ptr, index, end, u, MASKED)
+            direction = u
+            if NESTEROV:
+                direction = d + momentum * u
+        _store(w_ptr, index, end, w - step_size * direction, MASKED)
+
+    @triton.jit
+    def _update_kernel(
+        table,
+        chunks,
+        squared_norm,
+        eps,
+        lr_tensor,
+        lr,
+        momentum,
+        grad_sign,
+        weight_decay,
+        DTYPE: tl.constexpr,
+        HAS_WEIGHT_DECAY: tl.constexpr,
+        HAS_MOMENTUM: tl.constexpr,
+        NESTEROV: tl.constexpr,
+        LR_IS_TENSOR: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        BLOCK: tl.constexpr,
+        CHUNK: tl.constexpr,
+    ):
+        norm = tl.sqrt_rn(tl.load(squared_norm).to(tl.float32))
+        if norm <= 3.4028234663852886e38:  # float32's largest: false for inf and nan
+            w_ptr, g_ptr, u_ptr, start, end = _chunk(table, chunks, DTYPE, ALIGNED, CHUNK)
+            scale = tl.div_rn(1.0, tl.maximum(norm, eps))
+            step_size = lr
+            if LR_IS_TENSOR:
+                step_size = tl.load(lr_tensor).to(tl.float32)
+            full_end = start + (end - start) // BLOCK * BLOCK
+            for block in range(0, (full_end - start) // BLOCK):  # whole blocks: no mask
+                index = start + block * BLOCK + tl.arange(0, BLOCK)
+                _update_block(
+                    w_ptr, g_ptr, u_ptr, index, end, scale, step_size, momentum, grad_sign,
+                    weight_decay, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, False,
+                )  # fmt: skip
+            if full_end < end:
+                index = full_end + tl.arange(0, BLOCK)
+                _update_block(
+                    w_ptr, g_ptr, u_ptr, index, end, scale, step_size, momentum, grad_sign,
+                    weight_decay, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, True,
+                )  # fmt: skip
+
+
+def supports(tensor: Tensor) -> bool:
+    """Whether these kernels can update `tensor` (a local tensor, not a DTensor)."""
+    device_ok = tensor.is_cuda or (INTERPRETED and tensor.device.type == "cpu")
+    return AVAILABLE and device_ok and tensor.dtype in SUPPORTED_DTYPES
+
+
+def _same_dense_layout(p: Tensor, g: Tensor, u: Tensor) -> bool:
+    """Whether w, g and u can be walked as one flat array each, element for element."""
+    dense = p.is_contiguous() or (
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+    )
+    return dense and p.stride() == g.stride() == u.stride() and p.dtype == g.dtype == u.dtype
+
+
+@dataclass
+class BucketPlan:
+    """The device tables of one bucket: a row per tensor and a row per chunk."""
+
+    table: Tensor  # int64, (tensors, 4): w, g, u data pointers and numel
+    chunks: Tensor  # int64, (chunks, 2): tensor row and first element of each chunk
+    dtype: torch.dtype
+    aligned: bool  # every pointer a multiple of 16 bytes, so accesses can be vectorized
+
+    @property
+    def num_chunks(self) -> int:
+        return self.chunks.shape[0]
+
+
+def plan_bucket(
+    params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor]
+) -> BucketPlan | None:
+    """Build the tables for one bucket (one small host-to-device copy), or return None if
+    a tensor's layout rules the kernels out."""
+    if not all(_same_dense_layout(p, g, u) for p, g, u in zip(params, grads, buffers, strict=True)):
+        return None
+    rows = [
+        (p.data_ptr(), g.data_ptr(), u.data_ptr(), p.numel())
+        for p, g, u in zip(params, grads, buffers, strict=True)
+    ]
+    chunk_rows = [
+        (t, start) for t, (*_, numel) in enumerate(rows) for start in range(0, numel, CHUNK)
+    ]
+    host = torch.tensor([v for row in rows + chunk_rows for v in row], dtype=torch.int64)
+    device = params[0].device
+    if device.type == "cuda":
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    table = flat[: 4 * len(rows)].view(-1, 4)
+    chunks = flat[4 * len(rows) :].view(-1, 2)
+    aligned = all(ptr % 16 == 0 for row in rows for ptr in row[:3])
+    return BucketPlan(table, chunks, params[0].dtype, aligned)
+
+
+class PlanCache:
+    """A few recent steps' plans (or the reason the kernels could not take them), by key.
+
+    The key names the tensors by address (see `sngm_integrations.sngm`), so a plan is
+    reused for as long as the parameters, gradients and momentum buffers stay where they
+    are, which they do from step to step once the caching allocator has settled.
+    """
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self._entries: dict[Hashable, object] = {}
+        self._max_entries = max_entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> object | None:
+        return self._entries.get(key)
+
+    def put(self, key: Hashable, value: object) -> None:
+        if len(self._entries) >= self._max_entries:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = value
+
+
+def squared_norm(plan: BucketPlan, weight_decay_coefficient: float) -> Tensor:
+    """Sum of `(g + c * w)^2` over the bucket, in float32, as a 0-dim device tensor."""
+    partials = torch.empty(plan.num_chunks, dtype=torch.float32, device=plan.table.device)
+    _squared_norm_kernel[(plan.num_chunks,)](
+        plan.table,
+        plan.chunks,
+        partials,
+        weight_decay_coefficient,
+        DTYPE=_TL_DTYPES[plan.dtype],
+        HAS_WEIGHT_DECAY=weight_decay_coefficient != 0.0,
+        ALIGNED=plan.aligned,
+        BLOCK=BLOCK,
+        CHUNK=CHUNK,
+        num_warps=NUM_WARPS,
+    )
+    return partials.sum()
+
+
+def update(
+    plan: BucketPlan,
+    squared_norm: Tensor,
+    eps: float,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """One SNGM update of the bucket's w and u, given the squared global norm on the device.
+
+    The kernel divides by `max(||d||, eps)` itself and does nothing when the norm is not
+    finite, which saves the host a handful of scalar launches per step.
+    """
+    lr_is_tensor = isinstance(lr, Tensor)
+    _update_kernel[(plan.num_chunks,)](
+        plan.table,
+        plan.chunks,
+        squared_norm,
+        eps,
+        lr if lr_is_tensor else squared_norm,  # an unread placeholder for a float lr
+        0.0 if lr_is_tensor else float(lr),
+        momentum,
+        -1.0 if maximize else 1.0,
+        weight_decay,
+        DTYPE=_TL_DTYPES[plan.dtype],
+        HAS_WEIGHT_DECAY=weight_decay != 0.0,
+        HAS_MOMENTUM=momentum != 0.0,
+        NESTEROV=nesterov,
+        LR_IS_TENSOR=lr_is_tensor,
+        ALIGNED=plan.aligned,
+        BLOCK=BLOCK,
+        CHUNK=CHUNK,
+        num_warps=NUM_WARPS,
+    )

@@ -1,0 +1,255 @@
+"""SNGM's Triton kernels against the reference, on CUDA or, without a GPU, on the CPU
+through Triton's interpreter.
+
+`TRITON_INTERPRET=1` must be set before Triton is imported, so on a machine without CUDA
+`test_kernels_under_the_interpreter` runs this module again in a child process with it
+set; the other tests run in-process only on CUDA or inside that child.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+from sngm_integrations import SNGM, ReferenceSNGM
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+kernels_run_here = pytest.mark.skipif(
+    not HAS_TRITON or (DEVICE == "cpu" and not INTERPRETED),
+    reason="needs Triton, and CUDA or TRITON_INTERPRET=1",
+)
+TRITON = dict(fused_backend="triton")
+# Shapes that cover the chunk table: a tensor over one chunk (65,536 elements), an empty
+# one, a 4-d one, and tensors smaller than one block.
+SHAPES = [(64, 33), (64,), (3, 5, 7, 9), (0,), (70_001,), (10, 64), (10,)]
+CONFIGS = {
+    "plain": dict(),
+    "nesterov-maximize": dict(nesterov=True, maximize=True),
+    "no-momentum": dict(momentum=0.0),
+    "no-weight-decay": dict(weight_decay=0.0),
+    "tensor-lr": dict(lr=torch.tensor(0.1)),
+}
+
+
+@pytest.mark.skipif(
+    not HAS_TRITON or torch.cuda.is_available() or INTERPRETED,
+    reason="runs only where the kernels cannot run natively",
+)
+def test_kernels_under_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "needs Triton, and CUDA" not in proc.stdout, proc.stdout
+
+
+def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(DEVICE, dtype)) for s in SHAPES]
+
+
+def set_grads(params: list[torch.nn.Parameter], step: int) -> None:
+    g = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+
+
+def run(optimizer_cls: type, dtype: torch.dtype, steps: int = 12, **kwargs: Any) -> torch.Tensor:
+    params = make_params(dtype)
+    groups = [
+        {"params": params[:4]},
+        {"params": params[4:], "lr": 0.05, "momentum": 0.5, "weight_decay": 0.0},
+    ]
+    optimizer = optimizer_cls(groups, **kwargs)
+    for step in range(steps):
+        set_grads(params, step)
+        optimizer.step()
+    return torch.cat([p.detach().double().flatten() for p in params])
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm()).item()
+
+
+@kernels_run_here
+@pytest.mark.parametrize("config", CONFIGS)
+def test_float32_matches_the_reference(config: str) -> None:
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.01) | CONFIGS[config]
+    expected = run(ReferenceSNGM, torch.float32, **hyper)
+    assert relative_error(run(SNGM, torch.float32, **hyper, **TRITON), expected) < 1e-5
+
+
+@kernels_run_here
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float16,
+        pytest.param(
+            torch.bfloat16,
+            # The interpreter rounds float32 to bfloat16 toward zero; GPUs round to nearest.
+            marks=pytest.mark.skipif(INTERPRETED, reason="interpreter truncates to bfloat16"),
+        ),
+    ],
+)
+def test_half_precision_is_as_accurate_as_the_foreach_path(dtype: torch.dtype) -> None:
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+    exact = run(ReferenceSNGM, torch.float64, **hyper)
+    foreach_error = relative_error(run(SNGM, dtype, **hyper, foreach=True), exact)
+    triton_error = relative_error(run(SNGM, dtype, **hyper, **TRITON), exact)
+    assert triton_error < 1.5 * foreach_error + 1e-4
+
+
+@kernels_run_here
+def test_gradients_are_left_untouched() -> None:
+    params = make_params(torch.float32)
+    optimizer = SNGM(params, lr=0.1, weight_decay=0.01, **TRITON)
+    for step in range(2):
+        set_grads(params, step)
+        before = [p.grad.clone() for p in params]
+        optimizer.step()
+        assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
+
+
+@kernels_run_here
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_non_finite_gradient_skips_the_step_bit_exactly(bad: float) -> None:
+    params = make_params(torch.float32)
+    optimizer = SNGM(params, lr=0.1, weight_decay=0.01, **TRITON)
+    set_grads(params, 0)
+    optimizer.step()
+    weights = [p.detach().clone() for p in params]
+    momenta = [optimizer.state[p]["momentum_buffer"].clone() for p in params]
+    set_grads(params, 1)
+    params[4].grad[-1] = bad
+    optimizer.step()
+    assert all(torch.equal(p, w) for p, w in zip(params, weights, strict=True))
+    assert all(
+        torch.equal(optimizer.state[p]["momentum_buffer"], m)
+        for p, m in zip(params, momenta, strict=True)
+    )
+    assert optimizer.skipped_steps == 1
+    assert not torch.isfinite(optimizer.last_grad_norm)
+
+
+@kernels_run_here
+def test_zero_gradient_leaves_parameters_unchanged() -> None:
+    params = make_params(torch.float32)
+    optimizer = SNGM(params, lr=0.1, **TRITON)
+    weights = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert all(torch.equal(p, w) for p, w in zip(params, weights, strict=True))
+
+
+@kernels_run_here
+def test_tables_are_reused_and_rebuilt_when_gradients_move() -> None:
+    params = make_params(torch.float32)
+    optimizer = SNGM(params, lr=0.1, **TRITON)
+    reference = SNGM(make_params(torch.float32), lr=0.1, foreach=True)
+    for step in range(4):
+        for group in (params, reference.param_groups[0]["params"]):
+            set_grads(group, step)
+        if step == 2:  # gradients at new addresses while the old ones are still alive
+            kept = [p.grad for p in params]
+            for p in params:
+                p.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+    assert optimizer._triton_plans is not None and len(optimizer._triton_plans) >= 2
+    for p, q in zip(params, reference.param_groups[0]["params"], strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    del kept
+
+
+@kernels_run_here
+def test_channels_last_parameters_are_walked_in_memory_order() -> None:
+    g = torch.Generator().manual_seed(0)
+    weights = torch.randn(8, 4, 3, 3, generator=g).to(DEVICE)
+    grad = torch.randn(8, 4, 3, 3, generator=g).to(DEVICE)
+    results = []
+    for kwargs in (dict(foreach=True), TRITON):
+        p = torch.nn.Parameter(weights.clone().contiguous(memory_format=torch.channels_last))
+        p.grad = grad.clone().contiguous(memory_format=torch.channels_last)
+        optimizer = SNGM([p], lr=0.1, weight_decay=0.01, **kwargs)
+        optimizer.step()
+        results.append(p.detach())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+@kernels_run_here
+def test_views_at_unaligned_offsets_are_updated_correctly() -> None:
+    """Parameters and gradients that are views into flat buffers at odd offsets (as flat
+    shards can be) cannot use 16-byte vector accesses; the kernels must notice."""
+    g = torch.Generator().manual_seed(0)
+    flat_weights = torch.randn(3 * 70_001 + 1, generator=g).to(DEVICE)
+    flat_grads = torch.randn(3 * 70_001 + 1, generator=g).to(DEVICE)
+    results = []
+    for kwargs in (dict(foreach=True), TRITON):
+        weights, grads = flat_weights.clone(), flat_grads.clone()
+        params = [
+            torch.nn.Parameter(weights[1 + i * 70_001 : 1 + (i + 1) * 70_001]) for i in range(3)
+        ]
+        for i, p in enumerate(params):
+            p.grad = grads[1 + i * 70_001 : 1 + (i + 1) * 70_001]
+        assert params[0].data_ptr() % 16 != 0
+        optimizer = SNGM(params, lr=0.1, weight_decay=0.01, **kwargs)
+        for _ in range(2):
+            optimizer.step()
+        results.append(torch.cat([p.detach() for p in params]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+@kernels_run_here
+def test_a_gradient_in_another_layout_falls_back_or_is_refused() -> None:
+    p = torch.nn.Parameter(torch.randn(6, 4, device=DEVICE))
+    p.grad = torch.randn(4, 6, device=DEVICE).t()  # the transposed layout of p's
+    with pytest.raises(RuntimeError, match="fused_backend='triton'.*layout"):
+        SNGM([p], lr=0.1, **TRITON).step()
+
+
+@kernels_run_here
+def test_layer_normalization_and_float64_are_refused_by_name() -> None:
+    p = torch.nn.Parameter(torch.randn(3, device=DEVICE))
+    p.grad = torch.randn(3, device=DEVICE)
+    with pytest.raises(RuntimeError, match="normalize='layer'"):
+        SNGM([p], lr=0.1, normalize="layer", **TRITON).step()
+    q = torch.nn.Parameter(torch.randn(3, device=DEVICE, dtype=torch.float64))
+    q.grad = torch.randn(3, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="torch.float64 parameter"):
+        SNGM([q], lr=0.1, **TRITON).step()
+
+
+def test_unknown_fused_backend_is_named() -> None:
+    with pytest.raises(ValueError, match="fused_backend='cuda'"):
+        SNGM([torch.zeros(2, requires_grad=True)], lr=0.1, fused_backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_default_on_cuda_uses_the_triton_kernels() -> None:
+    if not HAS_TRITON:
+        pytest.skip("needs Triton")
+    params = make_params(torch.float32)
+    optimizer = SNGM(params, lr=0.1)
+    set_grads(params, 0)
+    before = [p.grad.clone() for p in params]
+    optimizer.step()
+    # torch's fused kernel would have left d / ||d|| in p.grad
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
+
+
+def test_default_on_cpu_keeps_torchs_fused_kernel() -> None:
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    SNGM([p], lr=0.1).step()
+    # torch's kernel writes d / ||d|| back into p.grad; the Triton kernels would not
+    torch.testing.assert_close(p.grad.norm(), torch.tensor(1.0))
