@@ -17,7 +17,7 @@ one per tensor, and none of them synchronises the host with the device.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,8 @@ except ImportError:  # torch < 2.5 keeps DTensor in a private module
 
 __all__ = [
     "accumulation_dtype",
+    "all_reduce_and_sum",
+    "any_dtensor",
     "global_squared_norm",
     "is_dtensor",
     "local_tensor",
@@ -51,6 +53,11 @@ def accumulation_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
 def is_dtensor(tensor: Tensor) -> bool:
     """Return True when ``tensor`` is a DTensor (a sharded or replicated tensor)."""
     return isinstance(tensor, DTensor)
+
+
+def any_dtensor(tensors: Iterable[Tensor]) -> bool:
+    """Return True when any of ``tensors`` is a DTensor (checked once per distinct type)."""
+    return any(issubclass(kind, DTensor) for kind in set(map(type, tensors)))
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
@@ -164,11 +171,24 @@ def reduction_classes(
     return classes
 
 
+def all_reduce_and_sum(
+    local_sums: Sequence[tuple[Sequence[dist.ProcessGroup], Tensor]], device: torch.device
+) -> Tensor:
+    """All-reduce each reduction class's local sum over its groups (in place), then add them.
+
+    ``local_sums`` pairs each class's groups (see `reduction_classes`) with the sum of its
+    tensors' local squared norms, a 0-dim tensor; the result is on ``device``.
+    """
+    for groups, total in local_sums:
+        for group in groups:
+            dist.all_reduce(total, group=group)
+    return sum_on([total for _, total in local_sums], device)
+
+
 def global_squared_norm(
     tensors: Sequence[Tensor],
     acc_dtype: torch.dtype,
     process_group: dist.ProcessGroup | None = None,
-    local_squared_sum: Callable[[list[int]], Tensor] | None = None,
 ) -> Tensor:
     """Squared L2 norm of all ``tensors`` taken together, as a 0-dim ``acc_dtype`` tensor.
 
@@ -177,24 +197,14 @@ def global_squared_norm(
         acc_dtype: Accumulation dtype (float32 for half precision, float64 for float64).
         process_group: When given, plain tensors are taken to be this rank's disjoint
             flat shards of the model, and their squared norm is summed over the group.
-        local_squared_sum: Computes the sum of the local squared norms of the tensors at
-            the given indices, as a 0-dim tensor on the first tensor's device (a fused
-            kernel can supply it). By default, foreach norms of the local tensors.
 
     Returns:
         A 0-dim tensor on the device of the first tensor's local data: one all-reduce
         per reduction class (see `reduction_classes`), none for plain tensors alone.
     """
     device = local_tensor(tensors[0]).device
-
-    def local_norms(indices: list[int]) -> Tensor:
-        locals_ = [local_tensor(tensors[i]) for i in indices]
-        return sum_on(_local_squared_norms(locals_, acc_dtype), device)
-
-    totals: list[Tensor] = []
+    local_sums = []
     for groups, indices in reduction_classes(tensors, process_group):
-        total = (local_squared_sum or local_norms)(indices)
-        for group in groups:
-            dist.all_reduce(total, group=group)
-        totals.append(total)
-    return sum_on(totals, device)
+        locals_ = [local_tensor(tensors[i]) for i in indices]
+        local_sums.append((groups, sum_on(_local_squared_norms(locals_, acc_dtype), device)))
+    return all_reduce_and_sum(local_sums, device)

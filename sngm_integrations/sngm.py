@@ -32,6 +32,8 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from sngm_integrations.distributed import (
     accumulation_dtype,
+    all_reduce_and_sum,
+    any_dtensor,
     global_squared_norm,
     local_tensor,
     per_tensor_squared_norms,
@@ -204,6 +206,7 @@ class SNGM(Optimizer):
         self.fused_backend = fused_backend
         self.last_grad_norm: Tensor | None = None
         self._triton_plans: PlanCache | None = None
+        self._skip_counters = _SkipCounters()
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -232,6 +235,8 @@ class SNGM(Optimizer):
         self.__dict__.setdefault("fused_backend", "auto")
         self.__dict__.setdefault("last_grad_norm", None)
         self.__dict__.setdefault("_triton_plans", None)
+        if self.__dict__.get("_skip_counters") is None:
+            self._skip_counters = _SkipCounters()
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
@@ -245,6 +250,7 @@ class SNGM(Optimizer):
         state = dict(state)
         state["process_group"] = None  # process groups cannot be copied or pickled
         state["_triton_plans"] = None  # tables of device pointers, rebuilt on demand
+        state["_skip_counters"] = None  # refers to this optimizer's own state tensors
         return state
 
     @property
@@ -291,7 +297,7 @@ class SNGM(Optimizer):
             skip_counters.append(state["skipped_steps"])
             buffer = state["momentum_buffer"]
             grad = p.grad
-            if torch.is_complex(p):
+            if p.is_complex():
                 p, grad, buffer = (torch.view_as_real(t) for t in (p, grad, buffer))
             params.append(p)
             grads.append(grad)
@@ -348,7 +354,7 @@ class SNGM(Optimizer):
             triton_plans=self._triton_plans,
         )
         self.last_grad_norm = stats.grad_norm
-        _add_on_each_device(skip_counters, stats.found_inf)
+        self._skip_counters.add(skip_counters, stats.found_inf)
         return loss
 
 
@@ -653,8 +659,9 @@ def _fused_sngm(groups: Sequence[SNGMParamGroup], directions: _Directions, scale
             )
 
 
-_TritonPlans = dict[int, list[tuple[int, "BucketPlan"]]]
-"""For each reduction class (keyed by its first flat index): (group index, plan) pairs."""
+_TritonPlans = list[tuple[list[dist.ProcessGroup], list[tuple[int, "BucketPlan"]]]]
+"""For each reduction class: the groups its squared sum is all-reduced over, and its
+buckets as (group index, plan) pairs."""
 
 
 def _triton_bucket_plans(
@@ -685,9 +692,12 @@ def _triton_bucket_plans(
     if not _TRITON_INSTALLED:
         return unavailable("Triton is not installed")
 
-    params = [local_tensor(p) for group in groups for p in group.params]
-    grads = [local_tensor(g) for group in groups for g in group.grads]
-    buffers = [local_tensor(u) for group in groups for u in group.momentum_buffers]
+    full_grads = [g for group in groups for g in group.grads]
+    params = [p for group in groups for p in group.params]
+    grads = full_grads
+    buffers = [u for group in groups for u in group.momentum_buffers]
+    if any_dtensor(full_grads):
+        params, grads, buffers = ([local_tensor(t) for t in ts] for ts in (params, grads, buffers))
     key = (
         tuple(map(Tensor.data_ptr, params)),
         tuple(map(Tensor.data_ptr, grads)),
@@ -702,7 +712,9 @@ def _triton_bucket_plans(
             # A plan's tables are copied from host memory that is reused after the copy;
             # a graph must not record that copy.
             return unavailable("a CUDA graph is being captured before any eager step")
-        found = _plan_triton_step(groups, params, grads, buffers, process_group, backend)
+        found = _plan_triton_step(
+            groups, full_grads, params, grads, buffers, process_group, backend
+        )
         if cache is not None:
             cache.put(key, found)
     if isinstance(found, str):
@@ -712,6 +724,7 @@ def _triton_bucket_plans(
 
 def _plan_triton_step(
     groups: Sequence[SNGMParamGroup],
+    full_grads: list[Tensor],
     params: list[Tensor],
     grads: list[Tensor],
     buffers: list[Tensor],
@@ -726,13 +739,13 @@ def _plan_triton_step(
         if not triton_sngm.supports(p) or (backend == "auto" and not p.is_cuda):
             return f"a {p.dtype} parameter on {p.device}"
     group_of = [i for i, group in enumerate(groups) for _ in group.params]
-    full_grads = [g for group in groups for g in group.grads]
-    plans: _TritonPlans = {}
-    for _, indices in reduction_classes(full_grads, process_group):
+    plans: _TritonPlans = []
+    for class_groups, indices in reduction_classes(full_grads, process_group):
         buckets: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
         for i in indices:
             buckets.setdefault((group_of[i], params[i].device, params[i].dtype), []).append(i)
-        class_plans = plans.setdefault(indices[0], [])
+        class_plans: list[tuple[int, BucketPlan]] = []
+        plans.append((class_groups, class_plans))
         for (group_index, _, _), members in buckets.items():
             plan = triton_sngm.plan_bucket(
                 [params[i] for i in members],
@@ -759,22 +772,18 @@ def _fused_sngm_triton(
     """
     from sngm_integrations import triton_sngm
 
-    grads = [g for group in groups for g in group.grads]
-    device = local_tensor(grads[0]).device
-
-    def local_squared_sum(indices: list[int]) -> Tensor:
-        coefficient = [-g.weight_decay if g.maximize else g.weight_decay for g in groups]
-        sums = [
-            triton_sngm.squared_norm(plan, coefficient[group_index])
-            for group_index, plan in plans[indices[0]]
-        ]
-        if not sums:
-            return torch.zeros((), dtype=torch.float32, device=device)
-        return sum_on(sums, device)
-
-    squared = global_squared_norm(grads, torch.float32, process_group, local_squared_sum)
+    device = local_tensor(groups[0].grads[0]).device
+    coefficient = [-g.weight_decay if g.maximize else g.weight_decay for g in groups]
+    local_sums = []
+    for class_groups, class_plans in plans:
+        sums = [triton_sngm.squared_norm(plan, coefficient[i]) for i, plan in class_plans]
+        local_sum = (
+            sum_on(sums, device) if sums else torch.zeros((), dtype=torch.float32, device=device)
+        )
+        local_sums.append((class_groups, local_sum))
+    squared = all_reduce_and_sum(local_sums, device)
     to_device = _OnDevice()
-    for class_plans in plans.values():
+    for _, class_plans in plans:
         for group_index, plan in class_plans:
             group = groups[group_index]
             plan_device = plan.table.device
@@ -793,12 +802,36 @@ def _fused_sngm_triton(
     return SNGMStepStats(grad_norm, (~torch.isfinite(grad_norm)).to(torch.float32))
 
 
-def _add_on_each_device(counters: list[Tensor], value: Tensor) -> None:
-    to_device = _OnDevice()
+class _SkipCounters:
+    """Adds a step's skip flag to every parameter's counter, one foreach launch per device.
+
+    The counters are bucketed by device once, and again only when the set of counters
+    changes (the cache keeps them alive, so their ids stay theirs).
+    """
+
+    def __init__(self) -> None:
+        self._counters: list[Tensor] = []
+        self._key: tuple[int, ...] = ()
+        self._by_device: list[list[Tensor]] = []
+
+    def add(self, counters: list[Tensor], value: Tensor) -> None:
+        if torch.compiler.is_compiling():
+            by_device = _bucket_by_device(counters)
+        else:
+            key = tuple(map(id, counters))
+            if key != self._key:
+                self._counters, self._key = counters, key
+                self._by_device = _bucket_by_device(counters)
+            by_device = self._by_device
+        to_device = _OnDevice()
+        for tensors in by_device:
+            # A list, not one tensor: torch's foreach add of a tensor scalar reads the
+            # scalar on the host on CUDA (a synchronisation, and an error in graph capture).
+            torch._foreach_add_(tensors, [to_device(value, tensors[0].device)] * len(tensors))
+
+
+def _bucket_by_device(tensors: list[Tensor]) -> list[list[Tensor]]:
     by_device: dict[torch.device, list[Tensor]] = {}
-    for counter in counters:
-        by_device.setdefault(counter.device, []).append(counter)
-    for device, tensors in by_device.items():
-        # A list, not one tensor: torch's foreach add of a tensor scalar reads the scalar
-        # on the host on CUDA (a synchronisation, and an error under graph capture).
-        torch._foreach_add_(tensors, [to_device(value, device)] * len(tensors))
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    return list(by_device.values())
