@@ -229,6 +229,63 @@ def test_layer_normalization_and_float64_are_refused_by_name() -> None:
         SNGM([q], lr=0.1, **TRITON).step()
 
 
+def compile_for_hopper(kernel: Any, types: dict[str, str], constants: dict[str, Any]) -> str:
+    """PTX of `kernel` compiled for sm_90 by Triton's own toolchain: no GPU needed."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sngm_integrations import triton_sngm
+
+    signature = types | dict.fromkeys(constants, "constexpr")
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    options = {"num_warps": triton_sngm.NUM_WARPS}
+    return triton_compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETED, reason="needs Triton, not its interpreter")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_kernels_compile_for_hopper_with_16_byte_accesses_when_aligned(
+    dtype: str, aligned: bool
+) -> None:
+    import triton.language as tl
+
+    from sngm_integrations import triton_sngm
+
+    common = dict(
+        DTYPE=getattr(tl, dtype),
+        HAS_WEIGHT_DECAY=True,
+        ALIGNED=aligned,
+        BLOCK=triton_sngm.BLOCK,
+        CHUNK=triton_sngm.CHUNK,
+    )
+    try:
+        norm_ptx = compile_for_hopper(
+            triton_sngm._squared_norm_kernel,
+            {
+                "table": "*i64",
+                "chunks": "*i64",
+                "partials": "*fp32",
+                "weight_decay_coefficient": "fp32",
+            },
+            common,
+        )
+        update_ptx = compile_for_hopper(
+            triton_sngm._update_kernel,
+            {"table": "*i64", "chunks": "*i64", "squared_norm": "*fp32", "eps": "fp32",
+             "lr_tensor": "*fp32", "lr": "fp32", "momentum": "fp32", "grad_sign": "fp32",
+             "weight_decay": "fp32"},
+            common | dict(HAS_MOMENTUM=True, NESTEROV=True, LR_IS_TENSOR=True),
+        )  # fmt: skip
+    except (ImportError, TypeError) as error:  # another Triton's ahead-of-time API
+        pytest.skip(f"this Triton cannot compile ahead of time here: {error}")
+    for ptx in (norm_ptx, update_ptx):
+        assert ("ld.global.v4.b32" in ptx) == aligned
+    assert ("st.global.v4.b32" in update_ptx) == aligned
+    assert "sqrt.rn.f32" in update_ptx
+
+
 def test_unknown_fused_backend_is_named() -> None:
     with pytest.raises(ValueError, match="fused_backend='cuda'"):
         SNGM([torch.zeros(2, requires_grad=True)], lr=0.1, fused_backend="cuda")
