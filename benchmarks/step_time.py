@@ -6,8 +6,11 @@ share one set of parameters and gradients (each has its own momentum buffers) an
 in interleaved rounds, so that each sees the same machine state; the table reports the
 median milliseconds per step after warm-up and the ratio to fused SGD.
 
+On CUDA, `--cuda-graphs` times replays of each optimizer's step captured in a CUDA graph:
+the device's time alone, without the Python that launches the kernels.
+
     python benchmarks/step_time.py                        # CPU, every shape set
-    python benchmarks/step_time.py --device cuda --steps 200
+    python benchmarks/step_time.py --device cuda --steps 200 [--cuda-graphs]
 """
 
 from __future__ import annotations
@@ -71,7 +74,13 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "SNGM foreach": lambda ps: SNGM(ps, lr=0.1, foreach=True),
     "SNGM fused (default)": lambda ps: SNGM(ps, lr=0.1),
     "SNGM fused + weight decay": lambda ps: SNGM(ps, lr=0.1, weight_decay=5e-4),
+    "SNGM fused torch-kernel": lambda ps: SNGM(ps, lr=0.1, fused=True, fused_backend="torch"),
+    "SNGM fused torch-kernel + weight decay": lambda ps: SNGM(
+        ps, lr=0.1, weight_decay=5e-4, fused=True, fused_backend="torch"
+    ),
 }
+# On CPU the default fused path is torch's kernel: those rows would repeat the default's.
+CUDA_ONLY = ("SNGM fused torch-kernel", "SNGM fused torch-kernel + weight decay")
 
 
 class Timer:
@@ -93,8 +102,31 @@ class Timer:
         return (end - start) * 1e3  # type: ignore[operator]
 
 
+def captured_steps(optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Callable[[], None]]:
+    """Each optimizer's step captured in a CUDA graph, after warm-up steps on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for optimizer in optimizers.values():
+            for _ in range(3):
+                optimizer.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    replays: dict[str, Callable[[], None]] = {}
+    for name, optimizer in optimizers.items():
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            optimizer.step()
+        replays[name] = graph.replay
+    return replays
+
+
 def bench(
-    shapes: list[tuple[int, ...]], device: torch.device, steps: int, warmup: int, names: list[str]
+    shapes: list[tuple[int, ...]],
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    names: list[str],
+    cuda_graphs: bool = False,
 ) -> dict[str, float]:
     g = torch.Generator(device=device).manual_seed(0)
     params = [torch.randn(s, device=device, generator=g).requires_grad_() for s in shapes]
@@ -102,12 +134,15 @@ def bench(
     for p, grad in zip(params, grads, strict=False):
         p.grad = grad
     optimizers = {name: OPTIMIZERS[name](params) for name in names}
+    steps_of: dict[str, Callable[[], object]] = {n: o.step for n, o in optimizers.items()}
+    if cuda_graphs:
+        steps_of = dict(captured_steps(optimizers))
     timer = Timer(device)
     samples: dict[str, list[tuple[object, object]]] = {name: [] for name in names}
     for i in range(warmup + steps):
-        for name, optimizer in optimizers.items():
+        for name, step in steps_of.items():
             start = timer.start()
-            optimizer.step()
+            step()
             end = timer.start()
             if i >= warmup:
                 samples[name].append((start, end))
@@ -131,10 +166,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="time CUDA-graph replays of each step"
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error(f"--cuda-graphs needs a CUDA --device, got --device {args.device}")
     names = args.optimizers.split(",")
+    if device.type != "cuda" and args.optimizers == parser.get_default("optimizers"):
+        names = [n for n in names if n not in CUDA_ONLY]
     unknown = [n for n in names if n not in OPTIMIZERS]
     if unknown:
         parser.error(f"unknown --optimizers {unknown}; choose from {list(OPTIMIZERS)}")
@@ -146,13 +188,14 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, device {device} ({machine}), median of {args.steps} steps "
         f"after {args.warmup} warm-up, interleaved"
+        + (", CUDA-graph replays" if args.cuda_graphs else "")
     )
     results: dict[str, dict[str, float]] = {}
     for shape_set in args.shapes.split(","):
         shapes = SHAPE_SETS[shape_set]()
         numel = sum(torch.Size(s).numel() for s in shapes)
         label = f"{shape_set} ({numel / 1e6:.1f}M, {len(shapes)} tensors)"
-        results[label] = bench(shapes, device, args.steps, args.warmup, names)
+        results[label] = bench(shapes, device, args.steps, args.warmup, names, args.cuda_graphs)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -167,7 +210,13 @@ def main() -> None:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"torch": torch.__version__, "device": machine, "results": results}, indent=2
+                {
+                    "torch": torch.__version__,
+                    "device": machine,
+                    "cuda_graphs": args.cuda_graphs,
+                    "results": results,
+                },
+                indent=2,
             )
         )
 
