@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from sngm_integrations.sngm import NORMALIZE_MODES
+from sngm_integrations.sngm import FUSED_BACKENDS, NORMALIZE_MODES
 
 __all__ = ["ACCEPTED_OPTIM_ARGS", "parse_sngm_optim_args"]
 
@@ -42,6 +42,12 @@ def _to_normalize_mode(value: str) -> str:
     return value
 
 
+def _to_fused_backend(value: str) -> str:
+    if value not in FUSED_BACKENDS:
+        raise ValueError(f"not one of {FUSED_BACKENDS}")
+    return value
+
+
 class _OptimArg(NamedTuple):
     convert: Callable[[str], Any]
     kind: str
@@ -55,6 +61,7 @@ ACCEPTED_OPTIM_ARGS: dict[str, _OptimArg] = {
     "maximize": _OptimArg(_to_bool, "bool"),
     "foreach": _OptimArg(_to_bool, "bool"),
     "fused": _OptimArg(_to_bool, "bool"),
+    "fused_backend": _OptimArg(_to_fused_backend, "|".join(FUSED_BACKENDS)),
 }
 """Keys of ``optim_args`` for SNGM, each with its converter and a description of its type."""
 

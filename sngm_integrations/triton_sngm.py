@@ -37,7 +37,15 @@ try:
 except ImportError:  # Triton ships with torch's CUDA builds only
     triton = None
 
-__all__ = ["AVAILABLE", "BucketPlan", "PlanCache", "plan_bucket", "squared_norm", "update"]
+__all__ = [
+    "AVAILABLE",
+    "BucketPlan",
+    "PlanCache",
+    "plan_bucket",
+    "squared_norm",
+    "supports",
+    "update",
+]
 
 AVAILABLE = triton is not None
 INTERPRETED = AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"

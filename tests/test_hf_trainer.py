@@ -143,6 +143,7 @@ def test_other_optimizer_names_are_left_to_transformers(tmp_path: Path) -> None:
             {"momentum": 0.95, "nesterov": True, "normalize": "layer", "eps": 1e-6},
         ),
         ("foreach=1,maximize=false", {"foreach": True, "maximize": False}),
+        ("fused=yes,fused_backend=torch", {"fused": True, "fused_backend": "torch"}),
     ],
 )
 def test_optim_args_are_typed(optim_args: str | None, expected: dict[str, Any]) -> None:
@@ -159,6 +160,7 @@ def test_optim_args_are_typed(optim_args: str | None, expected: dict[str, Any]) 
         ("momentum=nan", "momentum='nan'"),
         ("nesterov=maybe", "nesterov='maybe'"),
         ("normalize=block", "normalize='block'"),
+        ("fused_backend=cuda", "fused_backend='cuda'"),
         ("momentum", "'momentum'"),
         ("momentum=0.9,momentum=0.8", "'momentum'"),
         ("weight_decay=0.1", "weight_decay"),
