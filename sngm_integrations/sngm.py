@@ -506,7 +506,7 @@ def sngm(
     if not foreach and fused is not False:
         plans = _triton_bucket_plans(groups, normalize, process_group, fused_backend, triton_plans)
         if plans is not None:
-            return _fused_sngm_triton(groups, plans, eps, process_group)
+            return _fused_sngm_triton(groups, plans, eps)
     if fused is None and foreach is None:
         fused = _first_unfusable(groups) is None
     elif fused and (unfusable := _first_unfusable(groups)) is not None:
@@ -705,6 +705,7 @@ def _triton_bucket_plans(
         tuple(map(Tensor.numel, grads)),
         tuple(len(group.params) for group in groups),
         id(process_group),
+        backend,
     )
     found = cache.get(key) if cache is not None else None
     if found is None:
@@ -760,10 +761,7 @@ def _plan_triton_step(
 
 
 def _fused_sngm_triton(
-    groups: Sequence[SNGMParamGroup],
-    plans: _TritonPlans,
-    eps: float,
-    process_group: dist.ProcessGroup | None,
+    groups: Sequence[SNGMParamGroup], plans: _TritonPlans, eps: float
 ) -> SNGMStepStats:
     """SNGM's Triton kernels: one norm launch and one update launch per bucket.
 
