@@ -1,6 +1,6 @@
 """SNGM for the Hugging Face ``Trainer``: ``TrainingArguments(optim="sngm")``.
 
-Importing this package registers the name (see :func:`register`)::
+Importing this package registers the name (see `register`):
 
     import hf_trainer  # noqa: F401  (registers optim="sngm")
     from transformers import Trainer, TrainingArguments
@@ -11,7 +11,7 @@ Importing this package registers the name (see :func:`register`)::
     Trainer(model=model, args=args, train_dataset=train_dataset).train()
 
 Unmodified scripts that parse ``TrainingArguments`` run with the name registered through
-``python -m hf_trainer SCRIPT ARGS...`` (see :mod:`hf_trainer.__main__`).
+``python -m hf_trainer SCRIPT ARGS...`` (see `hf_trainer.__main__`).
 """
 
 from hf_trainer.callback import SNGMMonitorCallback, add_sngm_monitor

@@ -1,6 +1,6 @@
 """Run a training script with ``optim="sngm"`` registered.
 
-Usage::
+Usage:
 
     python -m hf_trainer SCRIPT [ARGS...]
     python -m hf_trainer -m MODULE [ARGS...]

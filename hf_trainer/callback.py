@@ -42,7 +42,7 @@ class SNGMMonitorCallback(TrainerCallback):
 
     The values go into ``trainer.state.log_history`` and to every logger that runs after
     this callback. The reporting callbacks (TensorBoard, ...) are added by the Trainer
-    before the ones passed in ``callbacks=[...]``, so use :func:`add_sngm_monitor` to get
+    before the ones passed in ``callbacks=[...]``, so use `add_sngm_monitor` to get
     the values into TensorBoard as well.
 
     Reading the values synchronises the host with the device once per logging step; the
@@ -132,7 +132,7 @@ def _momentum_step_norm(optimizer: SNGM, step_lrs: list[float]) -> float:
 
 
 def add_sngm_monitor(trainer: Trainer) -> SNGMMonitorCallback:
-    """Add a :class:`SNGMMonitorCallback` to ``trainer`` ahead of its reporting callbacks.
+    """Add a `SNGMMonitorCallback` to ``trainer`` ahead of its reporting callbacks.
 
     Placed first, the callback adds its values to the logs before TensorBoard, Weights &
     Biases and the console printer see them.

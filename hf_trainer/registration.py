@@ -9,8 +9,8 @@ Two things in ``transformers`` decide which optimizers exist:
   name to a class and keyword arguments (a handler table in transformers 5.2+, an if/elif
   chain before).
 
-:func:`register` adds the member ``OptimizerNames.SNGM = "sngm"`` and wraps the lookup:
-``"sngm"`` gives :class:`sngm_integrations.SNGM`; every other name goes to the original,
+`register` adds the member ``OptimizerNames.SNGM = "sngm"`` and wraps the lookup:
+``"sngm"`` gives `sngm_integrations.SNGM`; every other name goes to the original,
 whichever of the two designs it uses.
 """
 
@@ -86,7 +86,7 @@ def is_registered() -> bool:
 
 
 def register() -> None:
-    """Make ``TrainingArguments(optim="sngm")`` select :class:`sngm_integrations.SNGM`.
+    """Make ``TrainingArguments(optim="sngm")`` select `sngm_integrations.SNGM`.
 
     Runs when ``hf_trainer`` is imported. Safe to call again, from any thread, and after
     ``importlib.reload(hf_trainer)``: the Enum member is added once and the lookup is

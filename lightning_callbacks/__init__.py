@@ -1,10 +1,10 @@
 """Lightning support for SNGM: a ``configure_optimizers`` mixin and a monitoring callback.
 
-* :class:`SNGMMixin`: ``configure_optimizers`` with SNGM, warmup, decay and an optional
+* `SNGMMixin`: ``configure_optimizers`` with SNGM, warmup, decay and an optional
   batch-size scaling rule, from the module's hyperparameters.
-* :class:`SNGMMonitor`: logs the gradient norm SNGM normalized by, the update norm, the
+* `SNGMMonitor`: logs the gradient norm SNGM normalized by, the update norm, the
   learning rate and skipped steps at Lightning's logging frequency.
-* :func:`weight_decay_param_groups`: parameter groups without weight decay on biases and
+* `weight_decay_param_groups`: parameter groups without weight decay on biases and
   normalization layers (also useful with Lightning Fabric).
 
 With LightningCLI no code is needed: ``--optimizer sngm_integrations.SNGM --optimizer.lr 0.5``.

@@ -41,7 +41,7 @@ else:
 
 @dataclass(frozen=True)
 class SNGMHyperparameters:
-    """The hyperparameters :class:`SNGMMixin` reads from ``self.hparams``.
+    """The hyperparameters `SNGMMixin` reads from ``self.hparams``.
 
     Give any of these names to your module's ``__init__`` and call
     ``self.save_hyperparameters()``; names you leave out take the defaults below.
@@ -133,7 +133,7 @@ class SNGMMixin(_MixinBase):
     """Adds ``configure_optimizers`` with SNGM, warmup and decay to a LightningModule.
 
     Put it before ``LightningModule`` in the bases; the hyperparameters are those of
-    :class:`SNGMHyperparameters`, read from ``self.hparams``::
+    `SNGMHyperparameters`, read from ``self.hparams``:
 
         class Net(SNGMMixin, L.LightningModule):
             def __init__(self, lr=0.5, momentum=0.9, weight_decay=5e-4, warmup_steps=100,
@@ -143,13 +143,13 @@ class SNGMMixin(_MixinBase):
 
     ``configure_optimizers`` returns the dict form with a scheduler stepped every optimizer
     step. Each choice is a small method a subclass can override without copying the rest:
-    :meth:`sngm_hyperparameters`, :meth:`sngm_param_groups`, :meth:`sngm_optimizer`,
-    :meth:`sngm_process_group`, :meth:`sngm_per_device_batch_size`,
-    :meth:`sngm_learning_rate` and :meth:`sngm_lr_scheduler`.
+    `sngm_hyperparameters`, `sngm_param_groups`, `sngm_optimizer`,
+    `sngm_process_group`, `sngm_per_device_batch_size`,
+    `sngm_learning_rate` and `sngm_lr_scheduler`.
     """
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        """SNGM over :meth:`sngm_param_groups`, with the step-interval schedule."""
+        """SNGM over `sngm_param_groups`, with the step-interval schedule."""
         hparams = self.sngm_hyperparameters()
         lr = self.sngm_learning_rate(hparams)
         optimizer = self.sngm_optimizer(self.sngm_param_groups(hparams), lr, hparams)

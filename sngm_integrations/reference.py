@@ -1,7 +1,7 @@
 """A literal, slow twin of SNGM: Algorithm 1 of Zhao et al. (arXiv:2007.13985).
 
-It exists so that the fast implementations in :mod:`sngm_integrations.sngm` can be held
-to something short enough to check by eye. Use :class:`sngm_integrations.SNGM` to train.
+It exists so that the fast implementations in `sngm_integrations.sngm` can be held
+to something short enough to check by eye. Use `sngm_integrations.SNGM` to train.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ __all__ = ["ReferenceSNGM"]
 class ReferenceSNGM(Optimizer):
     """SNGM written out one parameter at a time, with no fast paths and no validation.
 
-    Per step, for all parameters of all groups::
+    Per step, for all parameters of all groups:
 
         d_i = (-g_i if maximize else g_i) + weight_decay * w_i
         n   = sqrt(sum_i ||d_i||^2)     (normalize="global"; "layer": n_i = ||d_i||)

@@ -1,6 +1,6 @@
 """``sngm-study``: the large-batch study from the command line.
 
-Examples::
+For example:
 
     sngm-study --preset quick --out study_out/quick
     sngm-study --batch-sizes 256,1024,4096,8192 --optimizers msgd,lars,sngm --epochs 30 \\
@@ -139,7 +139,7 @@ def _parse_lrs(assignments: list[tuple[str, str]]) -> dict[str, tuple[float, ...
 
 
 def study_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~sngm_integrations.study.config.StudyConfig` the arguments describe."""
+    """The `StudyConfig` the arguments describe."""
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in _OVERRIDES if getattr(args, name) is not None
     }

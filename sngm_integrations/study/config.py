@@ -1,8 +1,8 @@
-"""What a study runs: one :class:`RunConfig` per training run, planned from a :class:`StudyConfig`.
+"""What a study runs: one `RunConfig` per training run, planned from a `StudyConfig`.
 
-A run is identified by its :class:`RunConfig` alone (data, model, optimizer, learning rate,
+A run is identified by its `RunConfig` alone (data, model, optimizer, learning rate,
 seed, schedule, precision): two runs with equal configs give the same result, so the
-results file is keyed by :func:`run_key` and an interrupted study resumes without
+results file is keyed by `run_key` and an interrupted study resumes without
 redoing finished runs. The grid run at the base seed doubles as the first seed of the
 best learning rate.
 """
@@ -101,7 +101,7 @@ class StudyConfig:
     Attributes:
         lr_grids: Per optimizer, learning rates at ``reference_batch_size``; each is scaled
             to a batch size with ``lr_scaling[optimizer]`` (``none``, ``linear`` or
-            ``sqrt``, see :func:`sngm_integrations.scale_lr`).
+            ``sqrt``, see `sngm_integrations.scale_lr`).
         seeds: Number of seeds for the best learning rate (the grid run is seed
             ``base_seed``; ``seeds - 1`` more runs follow).
         warmup_epochs: Linear warmup length in epochs, turned into optimizer steps per run.
@@ -236,7 +236,7 @@ class StudyConfig:
         return order
 
     def grid_runs(self) -> list[RunConfig]:
-        """Every learning-rate grid run (at ``base_seed``), in :meth:`batch_size_priority`."""
+        """Every learning-rate grid run (at ``base_seed``), in `batch_size_priority`."""
         return [
             self.run_config(name, batch_size, lr, self.base_seed)
             for batch_size in self.batch_size_priority()
@@ -295,7 +295,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(name: str, **overrides: Any) -> StudyConfig:
-    """A :class:`StudyConfig` from preset ``name`` (``quick`` or ``full``) with ``overrides``."""
+    """A `StudyConfig` from preset ``name`` (``quick`` or ``full``) with ``overrides``."""
     if name not in PRESETS:
         raise ValueError(f"Invalid preset: preset={name!r} (choose from {tuple(PRESETS)})")
     settings = dict(PRESETS[name])

@@ -39,7 +39,7 @@ def build_optimizer(
         lr: Learning rate.
         momentum: Momentum factor (AdamW uses it as ``beta1``).
         weight_decay: L2 penalty, folded into the gradient (ignored by AdamW, which uses
-            :data:`ADAMW_WEIGHT_DECAY`).
+            `ADAMW_WEIGHT_DECAY`).
     """
     if name == "msgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

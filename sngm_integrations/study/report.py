@@ -1,7 +1,7 @@
 """Turning run records into the study's answer: chosen learning rates, tables, files, plots.
 
-Everything here is a pure function of the :class:`~sngm_integrations.study.config.StudyConfig`
-and the run records (dicts as written by :func:`~sngm_integrations.study.train.train_run`),
+Everything here is a pure function of the `StudyConfig`
+and the run records (dicts as written by `train_run`),
 so a finished, partial or resumed study is reported the same way.
 """
 

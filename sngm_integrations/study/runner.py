@@ -1,7 +1,7 @@
 """Running a study: the learning-rate grids, then the seeds of each chosen lr, resumably.
 
 Every finished run is appended to ``runs.jsonl`` in the output folder (one JSON record per
-line, keyed by :func:`~sngm_integrations.study.config.run_key`) and ``study.json`` is
+line, keyed by `run_key`) and ``study.json`` is
 rewritten, so a study that is killed leaves its results behind and a rerun with the same
 settings only does what is missing. With ``workers > 1`` independent runs go to a pool
 of spawned processes that share the device (on a GPU, small batches leave it idle between
@@ -65,7 +65,7 @@ class ResultsStore:
 
 @dataclass
 class StudyResult:
-    """What :func:`run_study` returns: the table, the status and this study's runs."""
+    """What `run_study` returns: the table, the status and this study's runs."""
 
     table: str
     status: str  # "complete", "time budget reached" or "interrupted"
