@@ -222,11 +222,12 @@ class SNGM(Optimizer):
             group["eps"],
         )
         first = self.param_groups[0]
-        for key in ("normalize", "eps"):
+        # One step updates every group together, with one norm and one implementation.
+        for key in ("normalize", "eps", "foreach", "fused"):
             if group[key] != first[key]:
                 raise ValueError(
-                    f"{key} must be the same in every param group (the norm is shared): "
-                    f"got {key}={group[key]!r} and {key}={first[key]!r}"
+                    f"{key} must be the same in every param group (one step, one shared "
+                    f"norm): got {key}={group[key]!r} and {key}={first[key]!r}"
                 )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -230,6 +230,12 @@ def test_invalid_hyperparameters_in_added_groups_are_rejected() -> None:
         optimizer.add_param_group(
             {"params": [torch.nn.Parameter(torch.zeros(2))], "normalize": "layer"}
         )
+    with pytest.raises(ValueError, match="foreach must be the same.*foreach=True"):
+        SNGM(
+            [{"params": [torch.nn.Parameter(torch.zeros(2))]},
+             {"params": [torch.nn.Parameter(torch.zeros(2))], "foreach": True}],
+            lr=0.1,
+        )  # fmt: skip
 
 
 def test_sparse_gradients_raise_a_clear_error() -> None:
