@@ -35,7 +35,8 @@ def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     kernels (through Triton's interpreter on CPU)."""
     backend = request.param
     out = tmp_path_factory.mktemp(f"sharded_{backend}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # CPU and gloo only: with a GPU visible, FSDP2 would place its shards on it.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     if backend == "triton":  # the workers' tensors are on the CPU
         env["TRITON_INTERPRET"] = "1"
     cmd = [
