@@ -20,7 +20,7 @@ kernel, fed the norm as its `grad_scale`).
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -42,9 +42,9 @@ from sngm_integrations.distributed import (
 )
 
 if TYPE_CHECKING:
-    from sngm_integrations.triton_sngm import BucketPlan, PlanCache
+    from sngm_integrations.triton_sngm import BucketPlan
 
-__all__ = ["SNGM", "SNGMParamGroup", "SNGMStepStats", "sngm"]
+__all__ = ["SNGM", "PlanCache", "SNGMParamGroup", "SNGMStepStats", "sngm"]
 
 NORMALIZE_MODES = ("global", "layer")
 FUSED_BACKENDS = ("auto", "triton", "torch")
@@ -205,7 +205,7 @@ class SNGM(Optimizer):
         self.process_group = process_group
         self.fused_backend = fused_backend
         self.last_grad_norm: Tensor | None = None
-        self._triton_plans: PlanCache | None = None
+        self._triton_plans: PlanCache | None = None  # made at the first step
         self._skip_counters = _SkipCounters()
         super().__init__(params, defaults)
 
@@ -340,9 +340,7 @@ class SNGM(Optimizer):
         if not groups:
             return loss
         first = self.param_groups[0]
-        if self._triton_plans is None and _TRITON_INSTALLED:
-            from sngm_integrations.triton_sngm import PlanCache
-
+        if self._triton_plans is None:
             self._triton_plans = PlanCache()
         stats = sngm(
             groups,
@@ -658,6 +656,30 @@ def _fused_sngm(groups: Sequence[SNGMParamGroup], directions: _Directions, scale
                 grad_scale=grad_scale,
                 found_inf=to_device(scale.found_inf, device),
             )
+
+
+class PlanCache:
+    """A few recent steps' plans (or the reason the kernels could not take them), by key.
+
+    The key names the step's tensors by their addresses, so a plan is reused for as long
+    as the parameters, gradients and momentum buffers stay where they are, which they do
+    from step to step once the caching allocator has settled.
+    """
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self._entries: dict[Hashable, object] = {}
+        self._max_entries = max_entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> object | None:
+        return self._entries.get(key)
+
+    def put(self, key: Hashable, value: object) -> None:
+        if len(self._entries) >= self._max_entries:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = value
 
 
 _TritonPlans = list[tuple[list[dist.ProcessGroup], list[tuple[int, "BucketPlan"]]]]

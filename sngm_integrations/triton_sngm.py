@@ -25,7 +25,7 @@ them against the reference.
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +40,6 @@ except ImportError:  # Triton ships with torch's CUDA builds only
 __all__ = [
     "AVAILABLE",
     "BucketPlan",
-    "PlanCache",
     "plan_bucket",
     "squared_norm",
     "supports",
@@ -251,30 +250,6 @@ def plan_bucket(
     chunks = flat[4 * len(rows) :].view(-1, 2)
     aligned = all(ptr % 16 == 0 for row in rows for ptr in row[:3])
     return BucketPlan(table, chunks, params[0].dtype, aligned)
-
-
-class PlanCache:
-    """A few recent steps' plans (or the reason the kernels could not take them), by key.
-
-    The key names the tensors by address (see `sngm_integrations.sngm`), so a plan is
-    reused for as long as the parameters, gradients and momentum buffers stay where they
-    are, which they do from step to step once the caching allocator has settled.
-    """
-
-    def __init__(self, max_entries: int = 8) -> None:
-        self._entries: dict[Hashable, object] = {}
-        self._max_entries = max_entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: Hashable) -> object | None:
-        return self._entries.get(key)
-
-    def put(self, key: Hashable, value: object) -> None:
-        if len(self._entries) >= self._max_entries:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = value
 
 
 def squared_norm(plan: BucketPlan, weight_decay_coefficient: float) -> Tensor:
