@@ -205,7 +205,7 @@ class SNGM(Optimizer):
         self.process_group = process_group
         self.fused_backend = fused_backend
         self.last_grad_norm: Tensor | None = None
-        self._triton_plans: PlanCache | None = None  # made at the first step
+        self._triton_plans = PlanCache()
         self._skip_counters = _SkipCounters()
         super().__init__(params, defaults)
 
@@ -235,7 +235,8 @@ class SNGM(Optimizer):
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("fused_backend", "auto")
         self.__dict__.setdefault("last_grad_norm", None)
-        self.__dict__.setdefault("_triton_plans", None)
+        if self.__dict__.get("_triton_plans") is None:
+            self._triton_plans = PlanCache()
         if self.__dict__.get("_skip_counters") is None:
             self._skip_counters = _SkipCounters()
         for group in self.param_groups:
@@ -340,8 +341,6 @@ class SNGM(Optimizer):
         if not groups:
             return loss
         first = self.param_groups[0]
-        if self._triton_plans is None:
-            self._triton_plans = PlanCache()
         stats = sngm(
             groups,
             normalize=first["normalize"],
@@ -424,14 +423,6 @@ class _Scale(NamedTuple):
     norm_floor: Tensor | None  # max(norm, eps), for "global" only
 
 
-def _global_scale(squared_norm: Tensor, eps: float) -> _Scale:
-    norm = squared_norm.sqrt()
-    finite = torch.isfinite(norm)
-    floor = norm.clamp(min=eps)
-    inverse = torch.where(finite, floor.reciprocal(), 0.0)
-    return _Scale(norm, finite, (~finite).to(torch.float32), [inverse], floor)
-
-
 def _compute_scale(
     vectors: Sequence[Tensor],
     normalize: str,
@@ -440,7 +431,11 @@ def _compute_scale(
 ) -> _Scale:
     acc_dtype = accumulation_dtype(vectors)
     if normalize == "global":
-        return _global_scale(global_squared_norm(vectors, acc_dtype, process_group), eps)
+        norm = global_squared_norm(vectors, acc_dtype, process_group).sqrt()
+        finite = torch.isfinite(norm)
+        floor = norm.clamp(min=eps)
+        inverse = torch.where(finite, floor.reciprocal(), 0.0)
+        return _Scale(norm, finite, (~finite).to(torch.float32), [inverse], floor)
     if process_group is not None:
         raise ValueError(
             "normalize='layer' cannot be used with process_group (flat-sharded parameters)"
