@@ -104,17 +104,11 @@ def _shard_groups(tensor: DTensor) -> list[dist.ProcessGroup]:
 def _dtensor_squared_norms(tensors: Sequence[Tensor], acc_dtype: torch.dtype) -> list[Tensor]:
     """Squared norms of full DTensors, in input order: one all-reduce per layout."""
     out: list[Tensor | None] = [None] * len(tensors)
-    by_layout: dict[tuple[object, ...], list[int]] = {}
-    for i, t in enumerate(tensors):
-        assert isinstance(t, DTensor)
-        by_layout.setdefault((t.device_mesh, tuple(t.placements)), []).append(i)
-    for indices in by_layout.values():
-        first = tensors[indices[0]]
-        assert isinstance(first, DTensor)
+    for groups, indices in reduction_classes(tensors):
         sq = torch.stack(
             _local_squared_norms([local_tensor(tensors[i]) for i in indices], acc_dtype)
         )
-        for group in _shard_groups(first):
+        for group in groups:
             dist.all_reduce(sq, group=group)
         for i, value in zip(indices, sq.unbind(), strict=True):
             out[i] = value
