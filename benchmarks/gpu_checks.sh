@@ -2,7 +2,7 @@
 # The GPU checks, on a single-GPU machine with no network, in two parts that can run as
 # separate calls:
 #
-#   bash benchmarks/gpu_checks.sh core    # CUDA tests, bandwidth, step-time and kernel-time tables
+#   bash benchmarks/gpu_checks.sh core    # CUDA tests, step-time and kernel-time tables
 #   bash benchmarks/gpu_checks.sh study   # the full large-batch study (STUDY_BUDGET seconds)
 #   bash benchmarks/gpu_checks.sh all     # both
 #
@@ -24,22 +24,6 @@ core() {
   section "machine"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
   python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
-
-  section "device-to-device copy bandwidth (bytes read + written)"
-  python - <<'EOF' 2>&1 | tee -a "$LOG"
-import torch
-x = torch.empty(2**28, device="cuda")  # 1 GiB
-y = torch.empty_like(x)
-for _ in range(3):
-    y.copy_(x)
-start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-times = []
-for _ in range(20):
-    start.record(); y.copy_(x); end.record(); end.synchronize()
-    times.append(start.elapsed_time(end))
-ms = sorted(times)[len(times) // 2]
-print(f"median {ms:.3f} ms for 2 x 1 GiB: {2 * x.numel() * 4 / ms / 1e9:.0f} GB/s")
-EOF
 
   section "CUDA tests"
   timeout 240 python -m pytest -q -rsfE --tb=short -p no:cacheprovider tests/test_cuda.py \
