@@ -204,10 +204,19 @@ class SNGM(Optimizer):
         )
         self.process_group = process_group
         self.fused_backend = fused_backend
-        self.last_grad_norm: Tensor | None = None
+        # Held in a dict that step() writes into: torch.compile loses (or refuses) an
+        # attribute assigned on the optimizer inside a traced step, but keeps dict writes.
+        self._last_step: dict[str, Tensor | None] = {"grad_norm": None}
         self._triton_plans = PlanCache()
         self._skip_counters = _SkipCounters()
         super().__init__(params, defaults)
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """The norm the last step divided by (of the weight-decayed gradient, reduced across
+        ranks where SNGM reduces it): a 0-dim tensor on the parameters' device, inf or nan
+        for a skipped step, None before the first step. Reading its value synchronises."""
+        return self._last_step["grad_norm"]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group; its hyperparameters are validated like the constructor's."""
@@ -234,7 +243,8 @@ class SNGM(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("fused_backend", "auto")
-        self.__dict__.setdefault("last_grad_norm", None)
+        self.__dict__.setdefault("_last_step", {"grad_norm": state.get("last_grad_norm")})
+        self.__dict__.pop("last_grad_norm", None)
         if self.__dict__.get("_triton_plans") is None:
             self._triton_plans = PlanCache()
         if self.__dict__.get("_skip_counters") is None:
@@ -351,7 +361,7 @@ class SNGM(Optimizer):
             fused_backend=self.fused_backend,
             triton_plans=self._triton_plans,
         )
-        self.last_grad_norm = stats.grad_norm
+        self._last_step["grad_norm"] = stats.grad_norm
         self._skip_counters.add(skip_counters, stats.found_inf)
         return loss
 

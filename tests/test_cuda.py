@@ -154,5 +154,7 @@ def test_compiled_step_matches_eager(implementation: str) -> None:
                 p.grad = grad
         eager.step()
         compiled_step()
+        assert compiled.last_grad_norm is not None
+        torch.testing.assert_close(compiled.last_grad_norm, eager.last_grad_norm)
     for a, b in zip(eager_params, compiled_params, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

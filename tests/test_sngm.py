@@ -438,23 +438,37 @@ def test_grad_scaler_skips_steps_with_overflowing_gradients() -> None:
     assert scaler.get_scale() == 2.0**9
 
 
+@pytest.mark.parametrize("form", ["method", "function"])
 @pytest.mark.parametrize("implementation", ["foreach", "fused"])
-def test_step_compiles_and_matches_eager(implementation: str) -> None:
-    """torch.compile traces step() (aot_eager: no C++ compiler needed); the fused path
-    runs as foreach ops there, since neither fused kernel can be traced."""
+def test_step_compiles_and_matches_eager(implementation: str, form: str) -> None:
+    """torch.compile traces step() (aot_eager: no C++ compiler needed), as a method or
+    inside a function in one graph; the fused path runs as foreach ops there, since
+    neither fused kernel can be traced. The step's norm and skip count come out too."""
     torch._dynamo.reset()
     eager_model, compiled_model = make_model(), make_model()
     eager = SNGM(eager_model.parameters(), lr=0.1, weight_decay=0.01, foreach=True)
     compiled = SNGM(
         compiled_model.parameters(), lr=0.1, weight_decay=0.01, **IMPLEMENTATIONS[implementation]
     )
-    compiled_step = torch.compile(compiled.step, backend="aot_eager")
+    if form == "method":
+        compiled_step = torch.compile(compiled.step, backend="aot_eager")
+    else:
+
+        @torch.compile(backend="aot_eager", fullgraph=True)
+        def compiled_step() -> None:
+            compiled.step()
+
     for step in range(4):
         x = torch.randn(16, 5, generator=torch.Generator().manual_seed(step))
         for model in (eager_model, compiled_model):
             model.zero_grad()
             model(x).square().mean().backward()
+            if step == 2:
+                next(model.parameters()).grad[0, 0] = float("nan")
         eager.step()
         compiled_step()
+        assert compiled.last_grad_norm is not None
+        torch.testing.assert_close(compiled.last_grad_norm, eager.last_grad_norm, equal_nan=True)
+    assert compiled.skipped_steps == eager.skipped_steps == 1
     for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
