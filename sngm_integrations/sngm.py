@@ -208,7 +208,6 @@ class SNGM(Optimizer):
         # attribute assigned on the optimizer inside a traced step, but keeps dict writes.
         self._last_step: dict[str, Tensor | None] = {"grad_norm": None}
         self._triton_plans = PlanCache()
-        self._skip_counters = _SkipCounters()
         super().__init__(params, defaults)
 
     @property
@@ -243,12 +242,9 @@ class SNGM(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("fused_backend", "auto")
-        self.__dict__.setdefault("_last_step", {"grad_norm": state.get("last_grad_norm")})
-        self.__dict__.pop("last_grad_norm", None)
+        self.__dict__.setdefault("_last_step", {"grad_norm": None})
         if self.__dict__.get("_triton_plans") is None:
             self._triton_plans = PlanCache()
-        if self.__dict__.get("_skip_counters") is None:
-            self._skip_counters = _SkipCounters()
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
@@ -262,7 +258,6 @@ class SNGM(Optimizer):
         state = dict(state)
         state["process_group"] = None  # process groups cannot be copied or pickled
         state["_triton_plans"] = None  # tables of device pointers, rebuilt on demand
-        state["_skip_counters"] = None  # refers to this optimizer's own state tensors
         return state
 
     @property
@@ -293,22 +288,24 @@ class SNGM(Optimizer):
         name eagerly and expects exactly that.
         """
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(
                     "SNGM does not support sparse gradients; use dense gradients "
                     "(for nn.Embedding, sparse=False)"
                 )
             state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                buffer = state["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format
+                )
                 state["skipped_steps"] = torch.zeros(
                     (), dtype=torch.float32, device=local_tensor(p).device
                 )
             skip_counters.append(state["skipped_steps"])
-            buffer = state["momentum_buffer"]
-            grad = p.grad
             if p.is_complex():
                 p, grad, buffer = (torch.view_as_real(t) for t in (p, grad, buffer))
             params.append(p)
@@ -329,12 +326,12 @@ class SNGM(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        skip_counters: list[Tensor] = []
         groups: list[SNGMParamGroup] = []
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
             buffers: list[Tensor] = []
+            skip_counters: list[Tensor] = []
             if self._init_group(group, params, grads, buffers, skip_counters):
                 groups.append(
                     SNGMParamGroup(
@@ -346,6 +343,7 @@ class SNGM(Optimizer):
                         weight_decay=group["weight_decay"],
                         nesterov=group["nesterov"],
                         maximize=group["maximize"],
+                        skip_counters=skip_counters,
                     )
                 )
         if not groups:
@@ -362,7 +360,6 @@ class SNGM(Optimizer):
             triton_plans=self._triton_plans,
         )
         self._last_step["grad_norm"] = stats.grad_norm
-        self._skip_counters.add(skip_counters, stats.found_inf)
         return loss
 
 
@@ -378,6 +375,9 @@ class SNGMParamGroup:
     weight_decay: float = 0.0
     nesterov: bool = False
     maximize: bool = False
+    skip_counters: list[Tensor] | None = None
+    """Optional float32 0-dim counters, one per tensor (SNGM keeps them in
+    `state["skipped_steps"]`): each is incremented when the step is skipped."""
 
 
 class SNGMStepStats(NamedTuple):
@@ -534,6 +534,7 @@ def sngm(
         [v for vectors in directions.vectors for v in vectors], normalize, eps, process_group
     )
     implementation(groups, directions, scale)
+    _count_skips(groups, scale.found_inf)
     return SNGMStepStats(scale.grad_norm, scale.found_inf)
 
 
@@ -724,14 +725,16 @@ def _triton_bucket_plans(
     params = [p for group in groups for p in group.params]
     grads = full_grads
     buffers = [u for group in groups for u in group.momentum_buffers]
+    counters = [c for group in groups for c in group.skip_counters or ()]
     if any_dtensor(full_grads):
         params, grads, buffers = ([local_tensor(t) for t in ts] for ts in (params, grads, buffers))
     key = (
         tuple(map(Tensor.data_ptr, params)),
         tuple(map(Tensor.data_ptr, grads)),
         tuple(map(Tensor.data_ptr, buffers)),
+        tuple(map(Tensor.data_ptr, counters)),
         tuple(map(Tensor.numel, grads)),
-        tuple(len(group.params) for group in groups),
+        tuple((len(group.params), group.skip_counters is None) for group in groups),
         id(process_group),
         backend,
     )
@@ -776,15 +779,17 @@ def _plan_triton_step(
         class_plans: list[tuple[int, BucketPlan]] = []
         plans.append((class_groups, class_plans))
         for (group_index, _, _), members in buckets.items():
+            counters = groups[group_index].skip_counters
+            first = group_of.index(group_index)
             plan = triton_sngm.plan_bucket(
                 [params[i] for i in members],
                 [grads[i] for i in members],
                 [buffers[i] for i in members],
+                None if counters is None else [counters[i - first] for i in members],
             )
             if plan is None:
                 return "a gradient or momentum buffer does not share its parameter's dense layout"
-            if plan.num_chunks:
-                class_plans.append((group_index, plan))
+            class_plans.append((group_index, plan))
     return plans
 
 
@@ -794,7 +799,8 @@ def _fused_sngm_triton(
     """SNGM's Triton kernels: one norm launch and one update launch per bucket.
 
     `d = ±g + λw` is formed inside the kernels, so nothing is materialized and `p.grad`
-    is left as it was.
+    is left as it was. The update kernels also count skipped steps and report the norm,
+    so that a step costs the host no more launches than these and one sum.
     """
     from sngm_integrations import triton_sngm
 
@@ -803,11 +809,10 @@ def _fused_sngm_triton(
     local_sums = []
     for class_groups, class_plans in plans:
         sums = [triton_sngm.squared_norm(plan, coefficient[i]) for i, plan in class_plans]
-        local_sum = (
-            sum_on(sums, device) if sums else torch.zeros((), dtype=torch.float32, device=device)
-        )
-        local_sums.append((class_groups, local_sum))
+        local_sums.append((class_groups, sum_on(sums, device)))
     squared = all_reduce_and_sum(local_sums, device)
+    stats: Tensor | None = torch.empty(2, dtype=torch.float32, device=device)
+    step_stats = SNGMStepStats(*cast(Tensor, stats).unbind())
     to_device = _OnDevice()
     for _, class_plans in plans:
         for group_index, plan in class_plans:
@@ -817,6 +822,7 @@ def _fused_sngm_triton(
             triton_sngm.update(
                 plan,
                 to_device(squared, plan_device),
+                stats if plan_device == device else None,
                 eps,
                 lr,
                 group.momentum,
@@ -824,36 +830,19 @@ def _fused_sngm_triton(
                 group.nesterov,
                 group.maximize,
             )
-    grad_norm = squared.sqrt()
-    return SNGMStepStats(grad_norm, (~torch.isfinite(grad_norm)).to(torch.float32))
+            if plan_device == device:
+                stats = None  # written once
+    return step_stats
 
 
-class _SkipCounters:
-    """Adds a step's skip flag to every parameter's counter, one foreach launch per device.
-
-    The counters are bucketed by device once, and again only when the set of counters
-    changes (the cache keeps them alive, so their ids stay theirs).
-    """
-
-    def __init__(self) -> None:
-        self._counters: list[Tensor] = []
-        self._key: tuple[int, ...] = ()
-        self._by_device: list[list[Tensor]] = []
-
-    def add(self, counters: list[Tensor], value: Tensor) -> None:
-        if torch.compiler.is_compiling():
-            by_device = _bucket_by_device(counters)
-        else:
-            key = tuple(map(id, counters))
-            if key != self._key:
-                self._counters, self._key = counters, key
-                self._by_device = _bucket_by_device(counters)
-            by_device = self._by_device
-        to_device = _OnDevice()
-        for tensors in by_device:
-            # A list, not one tensor: torch's foreach add of a tensor scalar reads the
-            # scalar on the host on CUDA (a synchronisation, and an error in graph capture).
-            torch._foreach_add_(tensors, [to_device(value, tensors[0].device)] * len(tensors))
+def _count_skips(groups: Sequence[SNGMParamGroup], found_inf: Tensor) -> None:
+    """Add the step's skip flag to the groups' skip counters, one foreach launch per device."""
+    counters = [c for group in groups for c in group.skip_counters or ()]
+    to_device = _OnDevice()
+    for tensors in _bucket_by_device(counters):
+        # A list, not one tensor: torch's foreach add of a tensor scalar reads the scalar
+        # on the host on CUDA (a synchronisation, and an error in graph capture).
+        torch._foreach_add_(tensors, [to_device(found_inf, tensors[0].device)] * len(tensors))
 
 
 def _bucket_by_device(tensors: list[Tensor]) -> list[list[Tensor]]:

@@ -9,7 +9,9 @@ kernels take neither detour. For each bucket of tensors (one parameter group, on
   in a fixed order, so the norm is deterministic.
 * `_update_kernel` reads `w`, `g` and `u` and writes `w` and `u`, forming
   `d = sign * g + lambda * w` in registers and dividing it by `max(||d||, eps)`, from the
-  squared norm it is given. It does nothing when that norm is not finite.
+  squared norm it is given. When that norm is not finite it leaves them alone and adds
+  one to each tensor's skip counter instead. It can also write the norm and the skip
+  flag out, which saves the host the scalar launches that would compute them.
 
 With weight decay off that is 6 passes over the data against momentum SGD's 5, the floor
 for SNGM; `p.grad` is left untouched. Every launch covers all tensors of its bucket: a
@@ -82,10 +84,10 @@ if AVAILABLE:
         pid = tl.program_id(0)
         tensor = tl.load(chunks + 2 * pid)
         start = tl.multiple_of(tl.load(chunks + 2 * pid + 1), CHUNK)
-        end = tl.minimum(start + CHUNK, tl.load(table + 4 * tensor + 3))
-        w_ptr = tl.load(table + 4 * tensor).to(tl.pointer_type(DTYPE))
-        g_ptr = tl.load(table + 4 * tensor + 1).to(tl.pointer_type(DTYPE))
-        u_ptr = tl.load(table + 4 * tensor + 2).to(tl.pointer_type(DTYPE))
+        end = tl.minimum(start + CHUNK, tl.load(table + 5 * tensor + 3))
+        w_ptr = tl.load(table + 5 * tensor).to(tl.pointer_type(DTYPE))
+        g_ptr = tl.load(table + 5 * tensor + 1).to(tl.pointer_type(DTYPE))
+        u_ptr = tl.load(table + 5 * tensor + 2).to(tl.pointer_type(DTYPE))
         if ALIGNED:  # every pointer 16-byte aligned (checked on the host): vector accesses
             w_ptr = tl.multiple_of(w_ptr, 16)
             g_ptr = tl.multiple_of(g_ptr, 16)
@@ -162,6 +164,7 @@ if AVAILABLE:
         table,
         chunks,
         squared_norm,
+        stats,
         eps,
         lr_tensor,
         lr,
@@ -173,12 +176,19 @@ if AVAILABLE:
         HAS_MOMENTUM: tl.constexpr,
         NESTEROV: tl.constexpr,
         LR_IS_TENSOR: tl.constexpr,
+        WRITE_STATS: tl.constexpr,
+        COUNT_SKIPS: tl.constexpr,
         ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
         CHUNK: tl.constexpr,
     ):
         norm = tl.sqrt_rn(tl.load(squared_norm).to(tl.float32))
-        if norm <= 3.4028234663852886e38:  # float32's largest: false for inf and nan
+        finite = norm <= 3.4028234663852886e38  # float32's largest: false for inf and nan
+        if WRITE_STATS:  # noqa: SIM102 (a compile-time branch around a run-time one)
+            if tl.program_id(0) == 0:
+                tl.store(stats, norm)
+                tl.store(stats + 1, 1.0 - finite.to(tl.float32))
+        if finite:
             w_ptr, g_ptr, u_ptr, start, end = _chunk(table, chunks, DTYPE, ALIGNED, CHUNK)
             scale = tl.div_rn(1.0, tl.maximum(norm, eps))
             step_size = lr
@@ -197,6 +207,13 @@ if AVAILABLE:
                     w_ptr, g_ptr, u_ptr, index, end, scale, step_size, momentum, grad_sign,
                     weight_decay, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, True,
                 )  # fmt: skip
+        else:
+            if COUNT_SKIPS:  # once per tensor: by the program of its first chunk
+                pid = tl.program_id(0)
+                if tl.load(chunks + 2 * pid + 1) == 0:
+                    tensor = tl.load(chunks + 2 * pid)
+                    counter = tl.load(table + 5 * tensor + 4).to(tl.pointer_type(tl.float32))
+                    tl.store(counter, tl.load(counter) + 1.0)
 
 
 def supports(tensor: Tensor) -> bool:
@@ -217,10 +234,11 @@ def _same_dense_layout(p: Tensor, g: Tensor, u: Tensor) -> bool:
 class BucketPlan:
     """The device tables of one bucket: a row per tensor and a row per chunk."""
 
-    table: Tensor  # int64, (tensors, 4): w, g, u data pointers and numel
+    table: Tensor  # int64, (tensors, 5): w, g, u data pointers, numel, skip counter pointer
     chunks: Tensor  # int64, (chunks, 2): tensor row and first element of each chunk
     dtype: torch.dtype
     aligned: bool  # every pointer a multiple of 16 bytes, so accesses can be vectorized
+    counts_skips: bool  # the table holds skip counters
 
     @property
     def num_chunks(self) -> int:
@@ -228,28 +246,44 @@ class BucketPlan:
 
 
 def plan_bucket(
-    params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor]
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Sequence[Tensor],
+    skip_counters: Sequence[Tensor] | None = None,
 ) -> BucketPlan | None:
     """Build the tables for one bucket (one small host-to-device copy), or return None if
-    a tensor's layout rules the kernels out."""
+    a tensor's layout rules the kernels out. `skip_counters` are float32 0-dim tensors,
+    one per parameter, that `update` increments when it skips a step."""
     if not all(_same_dense_layout(p, g, u) for p, g, u in zip(params, grads, buffers, strict=True)):
         return None
+    counter_ptrs = [0] * len(params) if skip_counters is None else _pointers(skip_counters)
     rows = [
-        (p.data_ptr(), g.data_ptr(), u.data_ptr(), p.numel())
-        for p, g, u in zip(params, grads, buffers, strict=True)
+        (p.data_ptr(), g.data_ptr(), u.data_ptr(), p.numel(), counter)
+        for p, g, u, counter in zip(params, grads, buffers, counter_ptrs, strict=True)
     ]
+    # An empty tensor gets one empty chunk, so that its skip counter is still counted.
     chunk_rows = [
-        (t, start) for t, (*_, numel) in enumerate(rows) for start in range(0, numel, CHUNK)
+        (t, start) for t, row in enumerate(rows) for start in range(0, max(row[3], 1), CHUNK)
     ]
     host = torch.tensor([v for row in rows + chunk_rows for v in row], dtype=torch.int64)
     device = params[0].device
     if device.type == "cuda":
         host = host.pin_memory()
     flat = host.to(device, non_blocking=True)
-    table = flat[: 4 * len(rows)].view(-1, 4)
-    chunks = flat[4 * len(rows) :].view(-1, 2)
+    table = flat[: 5 * len(rows)].view(-1, 5)
+    chunks = flat[5 * len(rows) :].view(-1, 2)
     aligned = all(ptr % 16 == 0 for row in rows for ptr in row[:3])
-    return BucketPlan(table, chunks, params[0].dtype, aligned)
+    return BucketPlan(table, chunks, params[0].dtype, aligned, skip_counters is not None)
+
+
+def _pointers(skip_counters: Sequence[Tensor]) -> list[int]:
+    for counter in skip_counters:
+        if counter.dtype != torch.float32 or counter.numel() != 1:
+            raise ValueError(
+                f"skip counters must be float32 tensors of one element, got a {counter.dtype} "
+                f"tensor of shape {tuple(counter.shape)}"
+            )
+    return [counter.data_ptr() for counter in skip_counters]
 
 
 def squared_norm(plan: BucketPlan, weight_decay_coefficient: float) -> Tensor:
@@ -273,6 +307,7 @@ def squared_norm(plan: BucketPlan, weight_decay_coefficient: float) -> Tensor:
 def update(
     plan: BucketPlan,
     squared_norm: Tensor,
+    stats: Tensor | None,
     eps: float,
     lr: float | Tensor,
     momentum: float,
@@ -282,14 +317,16 @@ def update(
 ) -> None:
     """One SNGM update of the bucket's w and u, given the squared global norm on the device.
 
-    The kernel divides by `max(||d||, eps)` itself and does nothing when the norm is not
-    finite, which saves the host a handful of scalar launches per step.
+    The kernel divides by `max(||d||, eps)` itself; when the norm is not finite it leaves
+    w and u alone and increments the bucket's skip counters. Given `stats` (two float32
+    elements on the device), it writes the norm and the skip flag (1.0 or 0.0) there.
     """
     lr_is_tensor = isinstance(lr, Tensor)
     _update_kernel[(plan.num_chunks,)](
         plan.table,
         plan.chunks,
         squared_norm,
+        squared_norm if stats is None else stats,  # an unwritten placeholder without stats
         eps,
         lr if lr_is_tensor else squared_norm,  # an unread placeholder for a float lr
         0.0 if lr_is_tensor else float(lr),
@@ -301,6 +338,8 @@ def update(
         HAS_MOMENTUM=momentum != 0.0,
         NESTEROV=nesterov,
         LR_IS_TENSOR=lr_is_tensor,
+        WRITE_STATS=stats is not None,
+        COUNT_SKIPS=plan.counts_skips,
         ALIGNED=plan.aligned,
         BLOCK=BLOCK,
         CHUNK=CHUNK,

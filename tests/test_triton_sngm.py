@@ -122,8 +122,11 @@ def test_gradients_are_left_untouched() -> None:
 @kernels_run_here
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 def test_non_finite_gradient_skips_the_step_bit_exactly(bad: float) -> None:
+    """The update kernels skip, count the skip in every tensor's counter (an empty
+    tensor's included) and report the norm, in each of two buckets."""
     params = make_params(torch.float32)
-    optimizer = SNGM(params, lr=0.1, weight_decay=0.01, **TRITON)
+    groups = [{"params": params[:4]}, {"params": params[4:], "weight_decay": 0.0}]
+    optimizer = SNGM(groups, lr=0.1, weight_decay=0.01, **TRITON)
     set_grads(params, 0)
     optimizer.step()
     weights = [p.detach().clone() for p in params]
@@ -136,8 +139,15 @@ def test_non_finite_gradient_skips_the_step_bit_exactly(bad: float) -> None:
         torch.equal(optimizer.state[p]["momentum_buffer"], m)
         for p, m in zip(params, momenta, strict=True)
     )
+    assert [optimizer.state[p]["skipped_steps"].item() for p in params] == [1.0] * len(params)
     assert optimizer.skipped_steps == 1
     assert not torch.isfinite(optimizer.last_grad_norm)
+    set_grads(params, 2)
+    directions = [p.grad + 0.01 * p.detach() for p in params[:4]] + [p.grad for p in params[4:]]
+    expected_norm = torch.cat([d.flatten() for d in directions]).norm()
+    optimizer.step()
+    assert optimizer.skipped_steps == 1
+    torch.testing.assert_close(optimizer.last_grad_norm, expected_norm)
 
 
 @kernels_run_here
@@ -273,10 +283,11 @@ def test_kernels_compile_for_hopper_with_16_byte_accesses_when_aligned(
         )
         update_ptx = compile_for_hopper(
             triton_sngm._update_kernel,
-            {"table": "*i64", "chunks": "*i64", "squared_norm": "*fp32", "eps": "fp32",
-             "lr_tensor": "*fp32", "lr": "fp32", "momentum": "fp32", "grad_sign": "fp32",
-             "weight_decay": "fp32"},
-            common | dict(HAS_MOMENTUM=True, NESTEROV=True, LR_IS_TENSOR=True),
+            {"table": "*i64", "chunks": "*i64", "squared_norm": "*fp32", "stats": "*fp32",
+             "eps": "fp32", "lr_tensor": "*fp32", "lr": "fp32", "momentum": "fp32",
+             "grad_sign": "fp32", "weight_decay": "fp32"},
+            common | dict(HAS_MOMENTUM=True, NESTEROV=True, LR_IS_TENSOR=True,
+                          WRITE_STATS=True, COUNT_SKIPS=True),
         )  # fmt: skip
     except (ImportError, TypeError) as error:  # another Triton's ahead-of-time API
         pytest.skip(f"this Triton cannot compile ahead of time here: {error}")
