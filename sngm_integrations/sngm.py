@@ -498,8 +498,9 @@ def sngm(
 
     See `SNGM` for the algorithm and the arguments. The norm is computed once (on the
     device, reduced over shards when needed), then every group is updated by the chosen
-    implementation. `triton_plans` keeps the Triton kernels' pointer tables from one step
-    to the next; without it they are rebuilt every step.
+    implementation, and each group's `skip_counters` (when given) are incremented if the
+    norm is not finite. `triton_plans` keeps the Triton kernels' pointer tables from one
+    step to the next; without it they are rebuilt every step.
 
     Returns:
         The step's gradient norm and whether it was skipped, as device tensors.
