@@ -812,18 +812,19 @@ def _fused_sngm_triton(
         sums = [triton_sngm.squared_norm(plan, coefficient[i]) for i, plan in class_plans]
         local_sums.append((class_groups, sum_on(sums, device)))
     squared = all_reduce_and_sum(local_sums, device)
-    stats: Tensor | None = torch.empty(2, dtype=torch.float32, device=device)
-    step_stats = SNGMStepStats(*cast(Tensor, stats).unbind())
+    stats = torch.empty(2, dtype=torch.float32, device=device)  # the norm and the skip flag
+    stats_written = False
     to_device = _OnDevice()
     for _, class_plans in plans:
         for group_index, plan in class_plans:
             group = groups[group_index]
             plan_device = plan.table.device
             lr = to_device(group.lr, plan_device) if isinstance(group.lr, Tensor) else group.lr
+            write_stats = not stats_written and plan_device == device
             triton_sngm.update(
                 plan,
                 to_device(squared, plan_device),
-                stats if plan_device == device else None,
+                stats if write_stats else None,
                 eps,
                 lr,
                 group.momentum,
@@ -831,9 +832,8 @@ def _fused_sngm_triton(
                 group.nesterov,
                 group.maximize,
             )
-            if plan_device == device:
-                stats = None  # written once
-    return step_stats
+            stats_written |= write_stats
+    return SNGMStepStats(*stats.unbind())
 
 
 def _count_skips(groups: Sequence[SNGMParamGroup], found_inf: Tensor) -> None:
