@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from sngm_integrations import SNGM, ReferenceSNGM
+from sngm_integrations import SNGM, ReferenceSNGM, SNGMParamGroup, sngm
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -148,6 +148,37 @@ def test_non_finite_gradient_skips_the_step_bit_exactly(bad: float) -> None:
     optimizer.step()
     assert optimizer.skipped_steps == 1
     torch.testing.assert_close(optimizer.last_grad_norm, expected_norm)
+
+
+@kernels_run_here
+def test_functional_step_without_skip_counters() -> None:
+    """`sngm()` called directly, with no counters to keep, takes the optimizer's step and
+    still skips a non-finite one."""
+    params = make_params(torch.float32)
+    set_grads(params, 0)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for twin, p in zip(twins, params, strict=True):
+        twin.grad = p.grad.clone()
+    optimizer = SNGM(twins, lr=0.1, weight_decay=0.01, **TRITON)
+    optimizer.step()
+    weights = [p.detach() for p in params]
+    group = SNGMParamGroup(
+        params=weights,
+        grads=[p.grad for p in params],
+        momentum_buffers=[torch.zeros_like(p) for p in params],
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=0.01,
+    )
+    stats = sngm([group], fused_backend="triton")
+    assert stats.found_inf.item() == 0.0
+    torch.testing.assert_close(stats.grad_norm, optimizer.last_grad_norm)
+    assert all(torch.equal(w, t) for w, t in zip(weights, twins, strict=True))
+    before = [w.clone() for w in weights]
+    params[0].grad[0] = math.nan
+    stats = sngm([group], fused_backend="triton")
+    assert stats.found_inf.item() == 1.0
+    assert all(torch.equal(w, b) for w, b in zip(weights, before, strict=True))
 
 
 @kernels_run_here
