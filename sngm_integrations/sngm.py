@@ -238,6 +238,27 @@ class SNGM(Optimizer):
                     f"norm): got {key}={group[key]!r} and {key}={first[key]!r}"
                 )
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; the skip counters are kept in float32 with their exact values.
+
+        torch.optim casts floating-point state to its parameter's dtype, which would turn
+        the counters of half-precision parameters into half-precision numbers (inexact
+        past 256 in bfloat16, and unusable by the Triton kernels).
+        """
+        saved = state_dict["state"]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        counters = {
+            p: saved[i]["skipped_steps"]
+            for i, p in zip(saved_ids, params, strict=False)
+            if "skipped_steps" in saved.get(i, {})
+        }
+        super().load_state_dict(state_dict)
+        for p, counter in counters.items():
+            self.state[p]["skipped_steps"] = counter.to(
+                dtype=torch.float32, device=local_tensor(p).device, copy=True
+            )
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("process_group", None)

@@ -256,7 +256,10 @@ def plan_bucket(
     one per parameter, that `update` increments when it skips a step."""
     if not all(_same_dense_layout(p, g, u) for p, g, u in zip(params, grads, buffers, strict=True)):
         return None
-    counter_ptrs = [0] * len(params) if skip_counters is None else _pointers(skip_counters)
+    device = params[0].device
+    counter_ptrs = (
+        [0] * len(params) if skip_counters is None else _counter_pointers(skip_counters, device)
+    )
     rows = [
         (p.data_ptr(), g.data_ptr(), u.data_ptr(), p.numel(), counter)
         for p, g, u, counter in zip(params, grads, buffers, counter_ptrs, strict=True)
@@ -266,7 +269,6 @@ def plan_bucket(
         (t, start) for t, row in enumerate(rows) for start in range(0, max(row[3], 1), CHUNK)
     ]
     host = torch.tensor([v for row in rows + chunk_rows for v in row], dtype=torch.int64)
-    device = params[0].device
     if device.type == "cuda":
         host = host.pin_memory()
     flat = host.to(device, non_blocking=True)
@@ -276,12 +278,13 @@ def plan_bucket(
     return BucketPlan(table, chunks, params[0].dtype, aligned, skip_counters is not None)
 
 
-def _pointers(skip_counters: Sequence[Tensor]) -> list[int]:
+def _counter_pointers(skip_counters: Sequence[Tensor], device: torch.device) -> list[int]:
     for counter in skip_counters:
-        if counter.dtype != torch.float32 or counter.numel() != 1:
+        if counter.dtype != torch.float32 or counter.numel() != 1 or counter.device != device:
             raise ValueError(
-                f"skip counters must be float32 tensors of one element, got a {counter.dtype} "
-                f"tensor of shape {tuple(counter.shape)}"
+                f"skip counters must be float32 tensors of one element on their parameters' "
+                f"device ({device}), got a {counter.dtype} tensor of shape "
+                f"{tuple(counter.shape)} on {counter.device}"
             )
     return [counter.data_ptr() for counter in skip_counters]
 

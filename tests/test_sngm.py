@@ -283,6 +283,31 @@ def test_closure_runs_once_with_grad_enabled_and_its_loss_is_returned() -> None:
     assert optimizer.step() is None
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_skip_counters_of_half_precision_parameters_stay_exact_float32_on_load(
+    implementation: str,
+) -> None:
+    """torch.optim casts floating-point state to the parameter's dtype on load; 1001 is
+    not a bfloat16 number, so a cast counter would come back as 1000 or 1002."""
+    params = [torch.nn.Parameter(torch.randn(4, 3).to(torch.bfloat16)) for _ in range(2)]
+    optimizer = SNGM(params, lr=0.1, **IMPLEMENTATIONS[implementation])
+    set_grads(params)
+    optimizer.step()
+    for p in params:
+        optimizer.state[p]["skipped_steps"].fill_(1001.0)
+    saved = optimizer.state_dict()
+    resumed = SNGM(params, lr=0.1, **IMPLEMENTATIONS[implementation])
+    resumed.load_state_dict(saved)
+    for p in params:
+        counter = resumed.state[p]["skipped_steps"]
+        assert counter.dtype == torch.float32 and counter.item() == 1001.0
+        assert counter.data_ptr() != saved["state"][0]["skipped_steps"].data_ptr()
+    assert resumed.state[params[0]]["momentum_buffer"].dtype == torch.bfloat16
+    params[0].grad[0, 0] = math.nan
+    resumed.step()
+    assert resumed.skipped_steps == 1002
+
+
 def test_state_dict_round_trip_loads_with_weights_only_and_continues_bit_identically() -> None:
     def batch(step: int) -> torch.Tensor:
         return torch.randn(8, 5, generator=torch.Generator().manual_seed(step))

@@ -182,6 +182,20 @@ def test_functional_step_without_skip_counters() -> None:
 
 
 @kernels_run_here
+def test_resumed_half_precision_optimizer_counts_skips_in_the_kernel() -> None:
+    params = make_params(torch.float16)
+    optimizer = SNGM(params, lr=0.1, **TRITON)
+    set_grads(params, 0)
+    optimizer.step()
+    resumed = SNGM(params, lr=0.1, **TRITON)
+    resumed.load_state_dict(optimizer.state_dict())
+    set_grads(params, 1)
+    params[0].grad[0, 0] = math.inf
+    resumed.step()
+    assert [resumed.state[p]["skipped_steps"].item() for p in params] == [1.0] * len(params)
+
+
+@kernels_run_here
 def test_zero_gradient_leaves_parameters_unchanged() -> None:
     params = make_params(torch.float32)
     optimizer = SNGM(params, lr=0.1, **TRITON)
