@@ -793,6 +793,9 @@ def _plan_triton_step(
         if not triton_sngm.supports(p) or (backend == "auto" and not p.is_cuda):
             return f"a {p.dtype} parameter on {p.device}"
     group_of = [i for i, group in enumerate(groups) for _ in group.params]
+    counter_of: list[Tensor | None] = []
+    for group in groups:
+        counter_of += group.skip_counters or [None] * len(group.params)
     plans: _TritonPlans = []
     for class_groups, indices in reduction_classes(full_grads, process_group):
         buckets: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
@@ -801,13 +804,12 @@ def _plan_triton_step(
         class_plans: list[tuple[int, BucketPlan]] = []
         plans.append((class_groups, class_plans))
         for (group_index, _, _), members in buckets.items():
-            counters = groups[group_index].skip_counters
-            first = group_of.index(group_index)
+            counts_skips = groups[group_index].skip_counters is not None
             plan = triton_sngm.plan_bucket(
                 [params[i] for i in members],
                 [grads[i] for i in members],
                 [buffers[i] for i in members],
-                None if counters is None else [counters[i - first] for i in members],
+                [cast(Tensor, counter_of[i]) for i in members] if counts_skips else None,
             )
             if plan is None:
                 return "a gradient or momentum buffer does not share its parameter's dense layout"
@@ -859,16 +861,12 @@ def _fused_sngm_triton(
 
 def _count_skips(groups: Sequence[SNGMParamGroup], found_inf: Tensor) -> None:
     """Add the step's skip flag to the groups' skip counters, one foreach launch per device."""
-    counters = [c for group in groups for c in group.skip_counters or ()]
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for group in groups:
+        for counter in group.skip_counters or ():
+            by_device.setdefault(counter.device, []).append(counter)
     to_device = _OnDevice()
-    for tensors in _bucket_by_device(counters):
+    for device, counters in by_device.items():
         # A list, not one tensor: torch's foreach add of a tensor scalar reads the scalar
         # on the host on CUDA (a synchronisation, and an error in graph capture).
-        torch._foreach_add_(tensors, [to_device(found_inf, tensors[0].device)] * len(tensors))
-
-
-def _bucket_by_device(tensors: list[Tensor]) -> list[list[Tensor]]:
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    return list(by_device.values())
+        torch._foreach_add_(counters, [to_device(found_inf, device)] * len(counters))
