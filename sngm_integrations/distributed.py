@@ -18,10 +18,12 @@ one per tensor, and none of them synchronises the host with the device.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.optim import Optimizer
 
 try:
     from torch.distributed.tensor import DTensor
@@ -43,6 +45,8 @@ __all__ = [
 ]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+_DOT_DTYPES = (torch.float32, torch.float64)
+_CPU_DOT_MIN_NUMEL = 65536
 
 
 def accumulation_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
@@ -65,30 +69,61 @@ def local_tensor(tensor: Tensor) -> Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _local_squared_norms(tensors: Sequence[Tensor], acc_dtype: torch.dtype) -> list[Tensor]:
-    """Squared L2 norm of each tensor, as 0-dim ``acc_dtype`` tensors in input order.
+def _squared_norms_by_kind(
+    tensors: Sequence[Tensor], acc_dtype: torch.dtype
+) -> list[tuple[list[int], Tensor]]:
+    """Squared L2 norms of ``tensors``, one 1-D ``acc_dtype`` tensor per device and kernel.
 
-    Tensors are grouped by device and dtype so that each group costs one foreach kernel;
-    half-precision tensors are accumulated in ``acc_dtype`` (float32 or wider). On the CPU,
-    float32 and float64 tensors use a dot product instead, which reads memory about 1.5x
-    faster there than ``_foreach_norm`` (measured with torch 2.14, MKL, 2 threads).
+    Returns ``(indices, squares)`` pairs: ``squares[k]`` is the squared norm of
+    ``tensors[indices[k]]``, on that tensor's device. Each device and dtype costs one
+    foreach kernel; half-precision tensors are accumulated in ``acc_dtype`` (float32 or
+    wider). On the CPU, float32 and float64 tensors of at least `_CPU_DOT_MIN_NUMEL`
+    elements use a dot product instead, which reads memory about 1.5x faster there than
+    ``_foreach_norm`` (measured with torch 2.14, MKL, 2 threads); below that size one
+    foreach call costs the host less than a dot product per tensor.
     """
+    # torch.optim's (C++) bucketing; while compiling it returns one bucket with no key.
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [cast(list[Tensor | None], list(tensors))], with_indices=True
+    )
+    out: list[tuple[list[int], Tensor]] = []
+    for (device, dtype), (lists, indices) in grouped.items():
+        bucket = cast(list[Tensor], lists[0])
+        by_dot: dict[bool, tuple[list[Tensor], list[int]]] = {False: (bucket, indices)}
+        if device is not None and device.type == "cpu" and dtype in _DOT_DTYPES:
+            by_dot = {True: ([], []), False: ([], [])}
+            for t, i in zip(bucket, indices, strict=True):
+                ts, ids = by_dot[t.numel() >= _CPU_DOT_MIN_NUMEL]
+                ts.append(t)
+                ids.append(i)
+        for dot, (ts, ids) in by_dot.items():
+            if not ts:
+                continue
+            if dot:
+                squares = torch.stack([torch.dot(t.reshape(-1), t.reshape(-1)) for t in ts])
+            else:
+                norm_dtype = acc_dtype if dtype is None or dtype in _HALF_DTYPES else None
+                squares = torch.stack(torch._foreach_norm(ts, 2, dtype=norm_dtype)).square()
+            out.append((ids, squares if squares.dtype == acc_dtype else squares.to(acc_dtype)))
+    return out
+
+
+def _local_squared_norms(tensors: Sequence[Tensor], acc_dtype: torch.dtype) -> list[Tensor]:
+    """Squared L2 norm of each tensor, as 0-dim ``acc_dtype`` tensors in input order."""
     out: list[Tensor | None] = [None] * len(tensors)
-    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_kind.setdefault((t.device, t.dtype), []).append(i)
-    for (device, dtype), indices in by_kind.items():
-        if device.type == "cpu" and dtype in (torch.float32, torch.float64):
-            for i in indices:
-                flat = tensors[i].reshape(-1)
-                out[i] = torch.dot(flat, flat).to(acc_dtype)
-            continue
-        norm_dtype = acc_dtype if dtype in _HALF_DTYPES else None
-        norms = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=norm_dtype)
-        squares = torch.stack(norms).to(acc_dtype).square()  # a few launches, not one per tensor
+    for indices, squares in _squared_norms_by_kind(tensors, acc_dtype):
         for i, square in zip(indices, squares.unbind(), strict=True):
             out[i] = square
     return [t for t in out if t is not None]
+
+
+def _local_squared_sum(
+    tensors: Sequence[Tensor], acc_dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Sum of the squared L2 norms of ``tensors``: a 0-dim ``acc_dtype`` tensor on ``device``."""
+    return sum_on(
+        [squares.sum() for _, squares in _squared_norms_by_kind(tensors, acc_dtype)], device
+    )
 
 
 def _shard_groups(tensor: DTensor) -> list[dist.ProcessGroup]:
@@ -148,6 +183,9 @@ def reduction_classes(
     Summing each class's local squared norms, all-reducing the sum over its groups and
     adding the classes gives the squared norm of the full tensors.
     """
+    no_shards = [process_group] if process_group is not None else []
+    if not any_dtensor(tensors):
+        return [(no_shards, list(range(len(tensors))))]
     plain: list[int] = []
     by_layout: dict[tuple[object, ...], list[int]] = {}
     for i, t in enumerate(tensors):
@@ -157,7 +195,7 @@ def reduction_classes(
             plain.append(i)
     classes: list[tuple[list[dist.ProcessGroup], list[int]]] = []
     if plain:
-        classes.append(([process_group] if process_group is not None else [], plain))
+        classes.append((no_shards, plain))
     for indices in by_layout.values():
         first = tensors[indices[0]]
         assert isinstance(first, DTensor)
@@ -200,5 +238,5 @@ def global_squared_norm(
     local_sums = []
     for groups, indices in reduction_classes(tensors, process_group):
         locals_ = [local_tensor(tensors[i]) for i in indices]
-        local_sums.append((groups, sum_on(_local_squared_norms(locals_, acc_dtype), device)))
+        local_sums.append((groups, _local_squared_sum(locals_, acc_dtype, device)))
     return all_reduce_and_sum(local_sums, device)

@@ -94,13 +94,28 @@ def test_every_implementation_matches_the_reference(
     torch.testing.assert_close(flat(got), flat(expected), rtol=rtol, atol=rtol * scale)
 
 
-def test_default_implementation_is_fused_on_cpu_and_leaves_grads_scaled() -> None:
-    p = torch.nn.Parameter(torch.ones(4))
-    optimizer = SNGM([p], lr=0.1)
-    p.grad = torch.full((4,), 3.0)
-    optimizer.step()
-    # The fused kernel writes g / ||g|| back into p.grad (documented in the class docstring).
-    torch.testing.assert_close(p.grad, torch.full((4,), 0.5))
+@pytest.mark.parametrize(
+    "grad_value, nesterov, grad_is_scaled",
+    [
+        (3.0, False, False),  # 1/||g|| enters the kernel as 1 - dampening: g is only read
+        (3.0, True, True),  # Nesterov: ||g|| is the kernel's grad_scale, written back
+        (3e8, False, True),  # a norm above 2**24 takes the grad_scale route too
+    ],
+)
+def test_default_cpu_step_is_torchs_fused_kernel(
+    grad_value: float, nesterov: bool, grad_is_scaled: bool
+) -> None:
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    default = SNGM([p], lr=0.1, nesterov=nesterov)
+    reference = ReferenceSNGM([q], lr=0.1, nesterov=nesterov)
+    for step in range(1, 4):
+        grad = torch.full((4,), grad_value * step)
+        p.grad, q.grad = grad.clone(), grad.clone()
+        default.step()
+        reference.step()
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=0.0)
+        # What the kernel leaves in p.grad is documented in the class docstring.
+        torch.testing.assert_close(p.grad, grad / grad.norm() if grad_is_scaled else grad)
     p.grad = torch.full((4,), 3.0)
     SNGM([p], lr=0.1, foreach=True).step()
     torch.testing.assert_close(p.grad, torch.full((4,), 3.0))
