@@ -119,7 +119,8 @@ class SNGM(Optimizer):
 
     A step whose gradient norm is not finite (an inf or nan anywhere) is skipped on the
     device, without a host synchronisation: parameters and momentum buffers keep their
-    exact values, and `skipped_steps` counts it.
+    exact values, and `skipped_steps` counts it. (Only the CPU path reads the norm on the
+    host, where there is no device to wait for.)
 
     Args:
         params: Parameters or parameter groups (dicts) to optimize.
@@ -153,13 +154,15 @@ class SNGM(Optimizer):
 
     Warning:
         The fused implementation on torch's kernel (the default on CPU, and on CUDA where
-        the Triton kernels do not apply) overwrites `p.grad`: after `step()` it holds the
-        normalized direction `d / ||d||` (torch's fused kernel writes the scaled gradient
-        back, and weight decay is folded into the gradient in place to save a copy; after
-        a skipped step it holds `d`). The next `zero_grad()` clears it as usual, and norm
-        clipping or loss scaling before `step()` are unaffected, but code that reads
-        `p.grad` *after* `step()` sees these values. The Triton kernels and
-        `foreach=True` (or `fused=False`) leave gradients untouched.
+        the Triton kernels do not apply) may change `p.grad`. Weight decay is folded into
+        it in place (it then holds `d`, to save a copy), and where the kernel takes the
+        global norm as its `grad_scale` it writes `d / ||d||` back: for float32 and
+        half-precision tensors on CUDA, and on the CPU for half precision, Nesterov
+        momentum, momentum 0 and norms above 2**24 (CPU float32 steps otherwise hand the
+        kernel `1/||d||` as a host number and leave `g` as it was). The next `zero_grad()`
+        clears it as usual, and norm clipping or loss scaling before `step()` are
+        unaffected, but code that reads `p.grad` *after* `step()` can see these values.
+        The Triton kernels and `foreach=True` (or `fused=False`) leave gradients untouched.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)

@@ -24,6 +24,7 @@ CONFIGS = [
     dict(weight_decay=0.05),
     dict(nesterov=True),
     dict(maximize=True),
+    dict(momentum=0.0),  # the second group keeps its own momentum, 0.5
     dict(nesterov=True, maximize=True, weight_decay=0.1),
     dict(normalize="layer", weight_decay=0.05),
     dict(normalize="layer", nesterov=True, maximize=True),
