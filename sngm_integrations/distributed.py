@@ -185,7 +185,7 @@ def reduction_classes(
     """
     no_shards = [process_group] if process_group is not None else []
     if not any_dtensor(tensors):
-        return [(no_shards, list(range(len(tensors))))]
+        return [(no_shards, list(range(len(tensors))))] if tensors else []
     plain: list[int] = []
     by_layout: dict[tuple[object, ...], list[int]] = {}
     for i, t in enumerate(tensors):
