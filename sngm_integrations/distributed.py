@@ -100,7 +100,8 @@ def _squared_norms_by_kind(
             if not ts:
                 continue
             if dot:
-                squares = torch.stack([torch.dot(t.reshape(-1), t.reshape(-1)) for t in ts])
+                flats = [t.reshape(-1) for t in ts]  # a copy when t is not contiguous: once
+                squares = torch.stack([torch.dot(flat, flat) for flat in flats])
             else:
                 norm_dtype = acc_dtype if dtype is None or dtype in _HALF_DTYPES else None
                 squares = torch.stack(torch._foreach_norm(ts, 2, dtype=norm_dtype)).square()
