@@ -922,12 +922,15 @@ def _fused_sngm_triton(
 
 def _count_skips(groups: Sequence[SNGMParamGroup], found_inf: Tensor) -> None:
     """Add the step's skip flag to the groups' skip counters, one foreach launch per device."""
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for group in groups:
-        for counter in group.skip_counters or ():
-            by_device.setdefault(counter.device, []).append(counter)
+    counters = [c for group in groups for c in group.skip_counters or ()]
+    if not counters:
+        return
+    # All float32: torch.optim's (C++) bucketing by device and dtype buckets them by device.
+    grouped = Optimizer._group_tensors_by_device_and_dtype([cast(list[Tensor | None], counters)])
     to_device = _OnDevice()
-    for device, counters in by_device.items():
+    for (bucket,), _ in grouped.values():
+        on_device = cast(list[Tensor], bucket)
+        flag = to_device(found_inf, on_device[0].device)
         # A list, not one tensor: torch's foreach add of a tensor scalar reads the scalar
         # on the host on CUDA (a synchronisation, and an error in graph capture).
-        torch._foreach_add_(counters, [to_device(found_inf, device)] * len(counters))
+        torch._foreach_add_(on_device, [flag] * len(on_device))
