@@ -25,8 +25,8 @@ from lightning_callbacks._clipping import warn_if_norm_clipping
 from lightning_callbacks.param_groups import weight_decay_param_groups
 from sngm_integrations import SNGM
 from sngm_integrations.schedules import (
-    SCALING_RULES,
-    SCHEDULES,
+    check_scaling_rule,
+    check_schedule,
     scale_lr,
     warmup_decay_schedule,
 )
@@ -80,15 +80,8 @@ class SNGMHyperparameters:
     decay_bias_and_norm: bool = False
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"Invalid schedule: schedule={self.schedule!r} (choose one of {SCHEDULES})"
-            )
-        if self.lr_scaling not in SCALING_RULES:
-            raise ValueError(
-                f"Invalid lr_scaling: lr_scaling={self.lr_scaling!r} "
-                f"(choose one of {SCALING_RULES})"
-            )
+        check_schedule(self.schedule)
+        check_scaling_rule(self.lr_scaling, "lr_scaling")
         if self.lr_scaling != "none" and (
             self.reference_batch_size is None or self.reference_batch_size < 1
         ):

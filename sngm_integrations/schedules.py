@@ -12,10 +12,30 @@ from dataclasses import dataclass
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["SCALING_RULES", "SCHEDULES", "WarmupDecay", "scale_lr", "warmup_decay_schedule"]
+__all__ = [
+    "SCALING_RULES",
+    "SCHEDULES",
+    "WarmupDecay",
+    "check_scaling_rule",
+    "check_schedule",
+    "scale_lr",
+    "warmup_decay_schedule",
+]
 
 SCHEDULES = ("constant", "cosine", "linear", "poly")
 SCALING_RULES = ("none", "linear", "sqrt")
+
+
+def check_schedule(schedule: str, argument: str = "schedule") -> None:
+    """Raise a ValueError naming ``argument`` unless ``schedule`` is one of `SCHEDULES`."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Invalid {argument}: {argument}={schedule!r} (choose one of {SCHEDULES})")
+
+
+def check_scaling_rule(rule: str, argument: str = "rule") -> None:
+    """Raise a ValueError naming ``argument`` unless ``rule`` is one of `SCALING_RULES`."""
+    if rule not in SCALING_RULES:
+        raise ValueError(f"Invalid {argument}: {argument}={rule!r} (choose one of {SCALING_RULES})")
 
 
 @dataclass(frozen=True)
@@ -35,10 +55,7 @@ class WarmupDecay:
     final_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"Invalid schedule: schedule={self.schedule!r} (choose one of {SCHEDULES})"
-            )
+        check_schedule(self.schedule)
         if self.total_steps < 1:
             raise ValueError(f"Invalid total_steps: total_steps={self.total_steps} (must be >= 1)")
         if not 0 <= self.warmup_steps <= self.total_steps:
@@ -92,8 +109,7 @@ def scale_lr(lr: float, batch_size: int, reference_batch_size: int, rule: str = 
     step length does not grow with the gradient, no rule holds across models: measure
     (docs/learning-rate.md and docs/accelerate.md record runs where each helped).
     """
-    if rule not in SCALING_RULES:
-        raise ValueError(f"Invalid rule: rule={rule!r} (choose one of {SCALING_RULES})")
+    check_scaling_rule(rule)
     if batch_size < 1 or reference_batch_size < 1:
         raise ValueError(
             f"batch sizes must be >= 1, got batch_size={batch_size}, "

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sngm_integrations.schedules import SCALING_RULES, SCHEDULES, scale_lr
+from sngm_integrations.schedules import check_scaling_rule, check_schedule, scale_lr
 
 __all__ = [
     "DATASETS",
@@ -152,10 +152,7 @@ class StudyConfig:
             if any(not lr > 0 for lr in self.lr_grids[name]):
                 raise ValueError(f"Invalid lr_grids[{name!r}]={self.lr_grids[name]} (need lr > 0)")
             rule = self.lr_scaling.get(name, "none")
-            if rule not in SCALING_RULES:
-                raise ValueError(
-                    f"Invalid lr_scaling[{name!r}]={rule!r} (choose from {SCALING_RULES})"
-                )
+            check_scaling_rule(rule, f"lr_scaling[{name!r}]")
         if not self.optimizers:
             raise ValueError("Invalid optimizers: empty")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
@@ -176,10 +173,7 @@ class StudyConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"Invalid {name}: {name}={value} (must be >= 1 or None)")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"Invalid schedule: schedule={self.schedule!r} (choose from {SCHEDULES})"
-            )
+        check_schedule(self.schedule)
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"Invalid precision: precision={self.precision!r} (choose from {PRECISIONS})"
