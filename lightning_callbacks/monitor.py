@@ -1,143 +1,193 @@
-"""A callback that logs, per optimizer step, what SNGM did: norms, learning rate, skips."""
+"""A callback that logs, per optimizer step, what the optimizer did and the gradient noise
+scale."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
-from torch import Tensor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
 from lightning_callbacks._clipping import warn_if_norm_clipping
-from sngm_integrations import SNGM
-from sngm_integrations.distributed import (
-    accumulation_dtype,
-    global_squared_norm,
-    per_tensor_squared_norms,
-)
+from sngm_integrations.monitoring import StepMeasurement, noise_scale_metrics
+from sngm_integrations.noise_scale import GradientNoiseScaleMeter
 
 __all__ = ["SNGMMonitor"]
 
 
-@dataclass
-class _StepRecord:
-    """What one optimizer step measured; device tensors until they are logged."""
-
-    log: bool
-    params: list[Tensor] = field(default_factory=list)
-    before: list[Tensor] = field(default_factory=list)
-    ran: bool = False
-    lr: float | Tensor = 0.0
-    grad_norm: Tensor | None = None
-    update_norm: Tensor | None = None
-    layer_grad_norms: list[Tensor] = field(default_factory=list)
-    layer_update_norms: list[Tensor] = field(default_factory=list)
-
-
 class SNGMMonitor(Callback):
-    """Logs, for each optimizer step, the gradient norm SNGM divided by and what it did.
+    """Logs, for each logged optimizer step, the gradient norm, the step and the noise scale.
 
-    Metrics, under ``prefix`` (``sngm/`` by default):
+    Metrics, under `prefix` (`sngm/` by default), defined in `sngm_integrations.monitoring`
+    and the same as the Hugging Face monitor's:
 
-    * ``grad_norm``: the global norm :math:`\\lVert d_t \\rVert` of the weight-decayed
-      gradient that SNGM normalized by, read from ``optimizer.last_grad_norm`` after the
-      step. SNGM reduces it over ranks, so it is the whole model's norm under DDP, FSDP2
-      (DTensor) and flat-sharded strategies alike. For another optimizer, the norm of the
-      accumulated gradient before the step (correct for DDP and DTensor parameters).
-    * ``update_norm``: :math:`\\lVert w_{t+1} - w_t \\rVert` over all the optimizer's
-      parameters (costs one copy of the parameters on each logged step).
-    * ``lr``: the learning rate of the first parameter group for this step.
-    * ``skipped_steps``: steps that left the weights unchanged because the gradient was not
-      finite, counted by SNGM itself and, under ``16-mixed``, by the GradScaler (which
-      then does not call the optimizer at all).
-    * with ``per_layer=True``: ``grad_norm/<parameter name>`` (before the step, after
-      gradient accumulation and AMP unscaling) and ``update_norm/<parameter name>``.
+    * `grad_norm`: for SNGM, the global norm `||d||` of the weight-decayed gradient it
+      normalized by (reduced over ranks by SNGM); for another optimizer, the norm of the
+      accumulated gradient before the step.
+    * `update_norm`: `||w_{t+1} - w_t||` over the optimizer's parameters (one copy of the
+      parameters on each logged step).
+    * `effective_lr` (SNGM): `lr / ||d||`.
+    * `lr`: the first parameter group's learning rate, unless a `LearningRateMonitor` in
+      the Trainer logs it already.
+    * `skipped_steps`: steps that left the weights unchanged because the gradient was not
+      finite, counted by SNGM and, under `16-mixed`, by the GradScaler (which then does
+      not call the optimizer at all).
+    * `noise_scale`: the gradient noise scale `B_simple = tr(Σ)/|G|²` in examples (see
+      `sngm_integrations.noise_scale`), with `noise_scale/small_batch_sq_norm`,
+      `noise_scale/big_batch_sq_norm`, `noise_scale/trace_sigma` and `noise_scale/grad_sq`.
+      Measured from the micro-batches (`accumulate_grad_batches > 1`) and the ranks of a
+      data-parallel run; absent when there is one of each. Compare it with the global
+      batch `micro_batch_size * accumulate_grad_batches * world_size`.
+    * with `per_layer=True`: `grad_norm/<parameter name>` and `update_norm/<parameter name>`.
 
     Values are measured only on the steps Lightning writes to the loggers
-    (``Trainer(log_every_n_steps=...)``), so the callback costs nothing on other steps.
-    With several optimizers (manual optimization), each gets ``optimizer_<i>/`` after the
-    prefix.
+    (`Trainer(log_every_n_steps=...)`), so other steps cost one Python call per parameter
+    and backward pass (the noise-scale hook returning) and no synchronisation. The noise
+    scale's running averages therefore advance once per logged step. With several
+    optimizers (manual optimization), each gets `optimizer_<i>/` after the prefix.
 
     Args:
         per_layer: Also log the norms of each parameter tensor.
-        log_update_norm: Log ``update_norm`` (turn off to save the parameter copy).
+        log_update_norm: Log `update_norm` (turn off to save the parameter copy).
         prefix: Prefix of every metric name.
+        noise_scale: Measure the gradient noise scale.
+        micro_batch_size: Examples per batch on one device, for the noise scale; read from
+            the training DataLoader's `batch_size` when None.
+        noise_scale_ema_decay: Weight of the past in the noise scale's running averages,
+            per logged step.
     """
 
     def __init__(
-        self, per_layer: bool = False, log_update_norm: bool = True, prefix: str = "sngm/"
+        self,
+        per_layer: bool = False,
+        log_update_norm: bool = True,
+        prefix: str = "sngm/",
+        noise_scale: bool = True,
+        micro_batch_size: int | None = None,
+        noise_scale_ema_decay: float = 0.95,
     ) -> None:
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size!r}")
         self.per_layer = per_layer
         self.log_update_norm = log_update_norm
         self.prefix = prefix
+        self.noise_scale = noise_scale
+        self.micro_batch_size = micro_batch_size
+        self.noise_scale_ema_decay = noise_scale_ema_decay
         self.scaler_skipped_steps = 0
-        self._records: dict[int, _StepRecord] = {}
+        self.meter: GradientNoiseScaleMeter | None = None
+        self._meter_state: dict[str, object] | None = None
+        self._log_lr = True
+        self._records: dict[int, tuple[bool, StepMeasurement]] = {}
         self._hooks: list[RemovableHandle] = []
         self._param_names: dict[int, str] = {}
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            per_layer=self.per_layer,
+            log_update_norm=self.log_update_norm,
+            prefix=self.prefix,
+            noise_scale=self.noise_scale,
+        )
+
     def state_dict(self) -> dict[str, Any]:
-        return {"scaler_skipped_steps": self.scaler_skipped_steps}
+        state: dict[str, Any] = {"scaler_skipped_steps": self.scaler_skipped_steps}
+        if self.meter is not None:
+            state["noise_scale"] = self.meter.estimator.state_dict()
+        elif self._meter_state is not None:
+            state["noise_scale"] = self._meter_state
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.scaler_skipped_steps = int(state_dict["scaler_skipped_steps"])
+        self._meter_state = state_dict.get("noise_scale")
+        if self.meter is not None and self._meter_state is not None:
+            self.meter.estimator.load_state_dict(self._meter_state)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._log_lr = not any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks)
         for optimizer in trainer.optimizers:
             warn_if_norm_clipping(trainer, optimizer)
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        if self.noise_scale and trainer.accumulate_grad_batches * trainer.world_size > 1:
+            self.meter = GradientNoiseScaleMeter(
+                pl_module.parameters(), ema_decay=self.noise_scale_ema_decay
+            )
+            if self._meter_state is not None:
+                self.meter.estimator.load_state_dict(self._meter_state)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
         self._records.clear()
+        if self.meter is not None:
+            self.meter.remove()
+            self._meter_state = self.meter.estimator.state_dict()
+            self.meter = None
+
+    @staticmethod
+    def _logs_next_step(trainer: pl.Trainer) -> bool:
+        """Whether Lightning writes the metrics of the optimizer step being prepared."""
+        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.meter is not None and not self.meter.armed and self._logs_next_step(trainer):
+            self.meter.arm()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        # The same test Lightning applies before writing step metrics to the loggers.
-        record = _StepRecord(log=trainer._logger_connector.should_update_logs)
-        self._records[id(optimizer)] = record
-        if not record.log:
+        log = self._logs_next_step(trainer)
+        record = StepMeasurement(
+            optimizer, update_norm=self.log_update_norm, per_tensor=self.per_layer
+        )
+        self._records[id(optimizer)] = (log, record)
+        if not log:
             return
-        record.params = [
-            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
-        ]
-        if not record.params:
-            return
-        grads = [p.grad for p in record.params if p.grad is not None]
-        dtype = accumulation_dtype(grads)
-        if self.per_layer:
-            record.layer_grad_norms = [n.sqrt() for n in per_tensor_squared_norms(grads, dtype)]
-        if not isinstance(optimizer, SNGM):
-            record.grad_norm = global_squared_norm(grads, dtype).sqrt()
-        if self.log_update_norm:
-            record.before = [p.detach().clone() for p in record.params]
+        record.before_step()
+        if self.meter is not None and optimizer is trainer.optimizers[0]:
+            # The precision plugin unscaled `.grad` before this hook; the hooked
+            # micro-batch gradients still carry the loss scale.
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            grad_scale = scaler.get_scale() if scaler is not None else 1.0
+            self.meter.measure(self._micro_batch_size(trainer), grad_scale)
+
+    def _micro_batch_size(self, trainer: pl.Trainer) -> int:
+        if self.micro_batch_size is not None:
+            return self.micro_batch_size
+        loader = trainer.train_dataloader
+        batch_size = loader.batch_size if isinstance(loader, DataLoader) else None
+        if batch_size is None:
+            rank_zero_warn(
+                "SNGMMonitor: the training DataLoader has no batch_size; pass "
+                "SNGMMonitor(micro_batch_size=...) to measure the noise scale",
+                category=UserWarning,
+            )
+            self.noise_scale = False
+            if self.meter is not None:
+                self.meter.remove()
+                self.meter = None
+            return 1
+        self.micro_batch_size = batch_size
+        return batch_size
 
     def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        record = self._records.get(id(optimizer))
-        if record is None:  # a step Lightning did not announce, e.g. a raw optimizer.step()
+        entry = self._records.get(id(optimizer))
+        if entry is None:  # a step Lightning did not announce, e.g. a raw optimizer.step()
             return
+        log, record = entry
+        if log:
+            record.after_step()
         record.ran = True
-        if not record.log:
-            return
-        record.lr = optimizer.param_groups[0]["lr"]
-        if isinstance(optimizer, SNGM):
-            record.grad_norm = optimizer.last_grad_norm
-        if record.before:
-            updates = [p.detach() - b for p, b in zip(record.params, record.before, strict=True)]
-            dtype = accumulation_dtype(updates)
-            process_group = getattr(optimizer, "process_group", None)
-            record.update_norm = global_squared_norm(updates, dtype, process_group).sqrt()
-            if self.per_layer:
-                record.layer_update_norms = [
-                    n.sqrt() for n in per_tensor_squared_norms(updates, dtype)
-                ]
-            record.before = []
 
     def on_train_batch_end(
         self,
@@ -148,40 +198,20 @@ class SNGMMonitor(Callback):
         batch_idx: int,
     ) -> None:
         for index, optimizer in enumerate(trainer.optimizers):
-            record = self._records.pop(id(optimizer), None)
-            if record is None:
+            entry = self._records.pop(id(optimizer), None)
+            if entry is None:
                 continue
+            log, record = entry
             if not record.ran:
                 self.scaler_skipped_steps += 1
-            if record.log:
-                prefix = self.prefix
-                if len(trainer.optimizers) > 1:
-                    prefix = f"{prefix}optimizer_{index}/"
-                pl_module.log_dict(
-                    self._metrics(optimizer, record, prefix), on_step=True, on_epoch=False
-                )
-
-    def _metrics(
-        self, optimizer: Optimizer, record: _StepRecord, prefix: str
-    ) -> dict[str, float | Tensor]:
-        skipped = self.scaler_skipped_steps
-        if isinstance(optimizer, SNGM):
-            skipped += optimizer.skipped_steps
-        metrics: dict[str, float | Tensor] = {f"{prefix}skipped_steps": float(skipped)}
-        if not record.ran:
-            return metrics
-        metrics[f"{prefix}lr"] = float(record.lr)
-        if record.grad_norm is not None:
-            metrics[f"{prefix}grad_norm"] = record.grad_norm
-        if record.update_norm is not None:
-            metrics[f"{prefix}update_norm"] = record.update_norm
-        for kind, norms in (
-            ("grad_norm", record.layer_grad_norms),
-            ("update_norm", record.layer_update_norms),
-        ):
-            if not norms:
+            if not log:
                 continue
-            for p, norm in zip(record.params, norms, strict=True):
-                name = self._param_names.get(id(p), f"param_{id(p)}")
-                metrics[f"{prefix}{kind}/{name}"] = norm
-        return metrics
+            prefix = self.prefix
+            if len(trainer.optimizers) > 1:
+                prefix = f"{prefix}optimizer_{index}/"
+            metrics = record.metrics(
+                prefix, self._param_names, self.scaler_skipped_steps, lr=self._log_lr
+            )
+            if index == 0 and self.meter is not None:
+                metrics.update(noise_scale_metrics(self.meter, prefix))
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)

@@ -48,7 +48,7 @@ class GradientNoiseScale:
         self.updates = 0
         self._trace_sigma: Tensor | None = None
         self._true_grad_sq: Tensor | None = None
-        self._weight = 0.0
+        self._weight: Tensor | None = None
 
     def update(self, small_sq: Tensor, small_batch: int, big_sq: Tensor, big_batch: int) -> None:
         """Add one step's pair of squared gradient norms.
@@ -72,24 +72,30 @@ class GradientNoiseScale:
         true_grad_sq = (big * big_sq - b * small_sq) / (big - b)
         trace_sigma = (small_sq - big_sq) / (1.0 / b - 1.0 / big)
         decay = self.ema_decay
-        if self._trace_sigma is None or self._true_grad_sq is None:
-            self._trace_sigma = (1.0 - decay) * trace_sigma
-            self._true_grad_sq = (1.0 - decay) * true_grad_sq
-        else:
-            self._trace_sigma = decay * self._trace_sigma + (1.0 - decay) * trace_sigma
-            self._true_grad_sq = decay * self._true_grad_sq + (1.0 - decay) * true_grad_sq
-        self._weight = decay * self._weight + (1.0 - decay)
+        if self._trace_sigma is None or self._true_grad_sq is None or self._weight is None:
+            zero = torch.zeros_like(trace_sigma)
+            self._trace_sigma, self._true_grad_sq, self._weight = zero, zero, zero
+        # A step with a non-finite gradient (an AMP overflow) leaves the averages as they are.
+        finite = torch.isfinite(trace_sigma) & torch.isfinite(true_grad_sq)
+        keep = torch.where(finite, decay, 1.0)
+        self._trace_sigma = keep * self._trace_sigma + (1.0 - keep) * trace_sigma.nan_to_num()
+        self._true_grad_sq = keep * self._true_grad_sq + (1.0 - keep) * true_grad_sq.nan_to_num()
+        self._weight = keep * self._weight + (1.0 - keep)
         self.updates += 1
 
     @property
     def trace_sigma(self) -> Tensor | None:
         """The average of `S`, the estimate of `tr Σ` (None before the first update)."""
-        return None if self._trace_sigma is None else self._trace_sigma / self._weight
+        if self._trace_sigma is None or self._weight is None:
+            return None
+        return self._trace_sigma / self._weight
 
     @property
     def true_grad_sq(self) -> Tensor | None:
         """The average of the estimate of `|G|²` (None before the first update)."""
-        return None if self._true_grad_sq is None else self._true_grad_sq / self._weight
+        if self._true_grad_sq is None or self._weight is None:
+            return None
+        return self._true_grad_sq / self._weight
 
     @property
     def noise_scale(self) -> Tensor | None:
@@ -110,8 +116,12 @@ class GradientNoiseScale:
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.ema_decay = float(state["ema_decay"])  # type: ignore[arg-type]
         self.updates = int(state["updates"])  # type: ignore[call-overload]
-        self._weight = float(state["weight"])  # type: ignore[arg-type]
-        trace_sigma, true_grad_sq = state["trace_sigma"], state["true_grad_sq"]
+        weight, trace_sigma, true_grad_sq = (
+            state["weight"],
+            state["trace_sigma"],
+            state["true_grad_sq"],
+        )
+        self._weight = weight if isinstance(weight, Tensor) else None
         self._trace_sigma = trace_sigma if isinstance(trace_sigma, Tensor) else None
         self._true_grad_sq = true_grad_sq if isinstance(true_grad_sq, Tensor) else None
 

@@ -33,6 +33,9 @@ import hf_trainer  # noqa: E402  (registers optim="sngm")
 from hf_trainer.__main__ import main as hf_trainer_main  # noqa: E402
 from sngm_integrations import SNGM  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent / "distributed"))
+import noise_scale_worker as noise_problem  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "hf_fixtures"
 
@@ -387,26 +390,92 @@ def test_monitor_logs_grad_norm_update_norm_and_effective_lr(tmp_path: Path) -> 
     assert logged == pytest.approx(recorder.grad_norms, rel=1e-5)
 
 
-def test_monitor_reports_a_skipped_step() -> None:
-    layer = torch.nn.Linear(3, 2)
-    optimizer = SNGM(layer.parameters(), lr=0.5, momentum=0.9)
-    layer(torch.randn(4, 3)).sum().backward()
-    optimizer.step()
-    layer.weight.grad.fill_(float("nan"))
-    optimizer.step()
-    measured = hf_trainer.SNGMMonitorCallback.measure(optimizer, [0.5])
-    assert math.isnan(measured["sngm/grad_norm"])
-    assert measured["sngm/skipped_steps"] == 1
-    assert measured["sngm/update_norm"] == 0.0 and measured["sngm/effective_lr"] == 0.0
+def test_monitor_logs_any_optimizer(tmp_path: Path) -> None:
+    recorder = RecordStep()
+    trainer = train(
+        training_args(tmp_path, optim="adamw_torch", learning_rate=1e-3, weight_decay=0.0),
+        callbacks=[hf_trainer.SNGMMonitorCallback(), recorder],
+    )
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["sngm/grad_norm"] for entry in logs] == pytest.approx(
+        recorder.grad_norms, rel=1e-5
+    )
+    assert [entry["sngm/update_norm"] for entry in logs] == pytest.approx(
+        recorder.update_norms, rel=1e-4
+    )
+    assert not any("sngm/effective_lr" in entry for entry in logs)
 
 
-def test_monitor_warns_when_the_optimizer_is_not_sngm(tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match="not SNGM"):
-        trainer = train(
-            training_args(tmp_path, optim="adamw_torch", max_steps=1),
-            callbacks=[hf_trainer.SNGMMonitorCallback()],
-        )
-    assert not any("sngm/grad_norm" in entry for entry in trainer.state.log_history)
+class LinearRegressionAtZero(torch.nn.Module):
+    """The noise-scale ground truth (tests/distributed/noise_scale_worker.py) as a model
+    the Trainer calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(noise_problem.DIM, 1, bias=False)
+        torch.nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": 0.5 * (self.linear(x).squeeze(1) - labels).square().mean()}
+
+
+class RegressionRows(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    def __init__(self, samples: int) -> None:
+        generator = torch.Generator().manual_seed(5)
+        self.x = torch.randn(samples, noise_problem.DIM, generator=generator)
+        self.y = self.x @ noise_problem.w_star() + torch.randn(samples, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[index], "labels": self.y[index]}
+
+
+@pytest.mark.slow
+def test_noise_scale_under_accumulation_matches_ground_truth(tmp_path: Path) -> None:
+    steps, micro_batch, accumulation = 300, 16, 4
+    trainer = Trainer(
+        model=LinearRegressionAtZero(),
+        args=training_args(
+            tmp_path,
+            optim="sgd",
+            learning_rate=0.0,
+            per_device_train_batch_size=micro_batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=steps,
+            report_to=["tensorboard"],
+            dataloader_drop_last=True,
+        ),
+        train_dataset=RegressionRows(steps * micro_batch * accumulation),
+    )
+    hf_trainer.add_sngm_monitor(trainer, noise_scale_ema_decay=0.99)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "sngm/noise_scale" in entry]
+    assert len(logs) == steps
+    truth = noise_problem.true_noise_scale(1.0)
+    assert logs[-1]["sngm/noise_scale"] == pytest.approx(truth, rel=0.15)
+    assert logs[-1]["sngm/update_norm"] == 0.0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (event_file,) = Path(tmp_path).rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file))
+    events.Reload()
+    (tag,) = [t for t in events.Tags()["scalars"] if t.endswith("sngm/noise_scale")]
+    assert events.Scalars(tag)[-1].value == pytest.approx(logs[-1]["sngm/noise_scale"])
+
+
+def test_noise_scale_is_measured_on_logged_steps_only(tmp_path: Path) -> None:
+    callback = hf_trainer.SNGMMonitorCallback()
+    trainer = train(
+        training_args(tmp_path, gradient_accumulation_steps=2, max_steps=4, logging_steps=2),
+        callbacks=[callback],
+    )
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [2, 4]
+    assert all(math.isfinite(entry["sngm/noise_scale"]) for entry in logs)
+    assert callback.meter is None  # the hooks are removed when training ends
 
 
 # --- command line -------------------------------------------------------------------------------

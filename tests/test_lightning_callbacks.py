@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from lightning_callbacks import SNGMHyperparameters, SNGMMixin, SNGMMonitor
 from lightning_callbacks.param_groups import weight_decay_param_groups
 from sngm_integrations import SNGM
+
+sys.path.insert(0, str(Path(__file__).parent / "distributed"))
+import noise_scale_worker as noise_problem  # noqa: E402
 
 SAMPLES = 32
 
@@ -466,3 +470,144 @@ def test_ddp_spawn_ranks_match_one_process_on_the_global_batch(tmp_path: Path) -
         for name, value in expected["weights"].items():
             assert torch.equal(state["weights"][name], ranks[0]["weights"][name]), name
             torch.testing.assert_close(state["weights"][name], value, rtol=1e-5, atol=1e-6)
+
+
+# --- SNGMMonitor with any optimizer, the noise scale, several monitors -------------------
+
+
+class LinearRegressionAtZero(pl.LightningModule):
+    """The noise-scale ground truth (tests/distributed/noise_scale_worker.py) under
+    Lightning: SGD with lr 0 keeps the weights at 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(noise_problem.DIM, 1, bias=False)
+        nn.init.zeros_(self.linear.weight)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs, targets = batch
+        return 0.5 * (self.linear(inputs).squeeze(1) - targets).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def linear_regression_loader(steps: int, micro_batch: int, accumulation: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(5)
+    samples = steps * micro_batch * accumulation
+    inputs = torch.randn(samples, noise_problem.DIM, generator=generator)
+    targets = inputs @ noise_problem.w_star() + torch.randn(samples, generator=generator)
+    return DataLoader(TensorDataset(inputs, targets), batch_size=micro_batch)
+
+
+@pytest.mark.slow
+def test_noise_scale_of_sgd_under_accumulation_matches_ground_truth(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=300,
+        accumulate_grad_batches=4,
+        logger=logger,
+        log_every_n_steps=1,
+        callbacks=[SNGMMonitor(noise_scale_ema_decay=0.99)],
+    )
+    trainer.fit(LinearRegressionAtZero(), linear_regression_loader(300, 16, 4))
+    rows = [row for row in read_metrics(logger) if row.get("sngm/noise_scale")]
+    assert len(rows) == 300
+    truth = noise_problem.true_noise_scale(1.0)
+    assert float(rows[-1]["sngm/noise_scale"]) == pytest.approx(truth, rel=0.15)
+    # grad_norm of SGD is the norm of the accumulated gradient (`-mean(x y)`, about |w*|).
+    assert float(rows[-1]["sngm/grad_norm"]) == pytest.approx(1.0, abs=0.5)
+    assert float(rows[-1]["sngm/update_norm"]) == 0.0
+    for name in ("small_batch_sq_norm", "big_batch_sq_norm", "trace_sigma", "grad_sq"):
+        assert f"sngm/noise_scale/{name}" in rows[-1]
+
+
+def test_noise_scale_reaches_tensorboard(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path)
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=4,
+        accumulate_grad_batches=2,
+        logger=logger,
+        log_every_n_steps=2,
+        callbacks=[SNGMMonitor()],
+    )
+    trainer.fit(TinyRegression(), datamodule=TinyData())
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    noise = events.Scalars("sngm/noise_scale")
+    assert [event.step for event in noise] == [1, 3]
+    assert all(torch.isfinite(torch.tensor(event.value)) for event in noise)
+    assert "sngm/noise_scale/big_batch_sq_norm" in events.Tags()["scalars"]
+
+
+def test_no_noise_scale_with_one_batch_size(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path)
+    monitor = SNGMMonitor()
+    trainer = make_trainer(
+        tmp_path, max_steps=2, logger=logger, log_every_n_steps=1, callbacks=[monitor]
+    )
+    trainer.fit(TinyRegression(), datamodule=TinyData())
+    assert monitor.meter is None
+    assert not any(row.get("sngm/noise_scale") for row in read_metrics(logger))
+
+
+def test_two_monitors_in_one_trainer_checkpoint_and_resume(tmp_path: Path) -> None:
+    def monitors() -> list[Callback]:
+        return [SNGMMonitor(), SNGMMonitor(per_layer=True, prefix="layers/")]
+
+    first = monitors()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=2,
+        accumulate_grad_batches=2,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=True,
+        callbacks=[*first, checkpoint],
+    )
+    trainer.fit(TinyRegression(), datamodule=TinyData())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    keys = {first[0].state_key, first[1].state_key}
+    assert len(keys) == 2 and keys <= saved.keys()
+    assert first[0].state_key != first[1].state_key
+
+    second = monitors()
+    resumed = make_trainer(
+        tmp_path,
+        max_steps=3,
+        accumulate_grad_batches=2,
+        log_every_n_steps=1,
+        enable_checkpointing=True,
+        callbacks=[*second, ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
+    )
+    resumed.fit(TinyRegression(), datamodule=TinyData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    for before, after in zip(first, second, strict=True):
+        assert isinstance(before, SNGMMonitor) and isinstance(after, SNGMMonitor)
+        assert after.state_dict()["noise_scale"]["updates"] == (
+            before.state_dict()["noise_scale"]["updates"] + 1
+        )
+
+
+@pytest.mark.parametrize("with_lr_monitor", [False, True])
+def test_lr_is_logged_once(tmp_path: Path, with_lr_monitor: bool) -> None:
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    logger = CSVLogger(tmp_path)
+    callbacks: list[Callback] = [SNGMMonitor()]
+    if with_lr_monitor:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = make_trainer(
+        tmp_path, max_steps=2, logger=logger, log_every_n_steps=1, callbacks=callbacks
+    )
+    trainer.fit(TinyRegression(), datamodule=TinyData())
+    rows = read_metrics(logger)
+    has_sngm_lr = any(row.get("sngm/lr") for row in rows)
+    has_monitor_lr = any(row.get(key) for row in rows for key in row if key.startswith("lr-"))
+    assert has_sngm_lr is not with_lr_monitor
+    assert has_monitor_lr is with_lr_monitor
