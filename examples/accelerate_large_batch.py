@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from sngm_integrations import SNGM
+from sngm_integrations.noise_scale import GradientNoiseScaleMeter
 from sngm_integrations.schedules import SCHEDULES, warmup_decay_schedule
 from sngm_integrations.vision import load_fashion_mnist, resnet20
 
@@ -256,6 +257,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator.register_for_checkpointing(progress)
 
     effective_batch = args.per_device_batch * accelerator.num_processes * args.grad_accum
+    # The gradient noise scale, from the micro-batches and processes' local gradients
+    # against the accumulated, all-reduced one (replicated parameters only).
+    meter = None
+    if effective_batch > args.per_device_batch and accelerator.distributed_type in (
+        DistributedType.NO,
+        DistributedType.MULTI_CPU,
+        DistributedType.MULTI_GPU,
+    ):
+        meter = GradientNoiseScaleMeter(model.parameters())
     accelerator.print(
         f"effective batch {effective_batch} = {args.per_device_batch} per device x "
         f"{accelerator.num_processes} processes x {args.grad_accum} accumulation | "
@@ -282,8 +292,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loader.set_epoch(epoch)  # the epoch's shuffle, also for the skipping loader
         for images, labels in loader:
             with accelerator.accumulate(model):
+                next_step = progress.step + 1
+                logged = next_step % args.log_every == 0 or next_step == total_steps
+                if meter is not None and logged and not meter.armed:
+                    meter.arm()
                 loss = nn.functional.cross_entropy(model(images), labels)
                 accelerator.backward(loss)
+                if meter is not None and accelerator.sync_gradients:
+                    meter.measure(args.per_device_batch)
                 optimizer.step()  # a no-op except on the last micro-batch of a step
                 optimizer.zero_grad()
             loss_sum += loss.detach()
@@ -302,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "train/grad_norm": float(sngm.last_grad_norm),
                     "epoch": epoch,
                 }
+                if meter is not None and meter.noise_scale is not None:
+                    logs["train/noise_scale"] = float(meter.noise_scale)
                 accelerator.log(logs, step=progress.step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['train/lr']:.4g}")
                 loss_sum.zero_()
@@ -312,9 +330,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 break
         metrics = evaluate(accelerator, model, test_loader)
         accelerator.log(metrics, step=progress.step)
+        noise = "" if meter is None else f", noise scale {float(meter.noise_scale or 0):.0f}"
         accelerator.print(
             f"epoch {epoch}: step {progress.step}, test loss {metrics['eval/loss']:.4f}, "
-            f"test accuracy {metrics['eval/accuracy']:.4f}"
+            f"test accuracy {metrics['eval/accuracy']:.4f}{noise}"
         )
     bar.close()
     if not metrics:  # resumed from the last step: nothing was trained
@@ -328,6 +347,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_processes": accelerator.num_processes,
         "optimizer_steps": progress.step,
         "skipped_steps": sngm.skipped_steps,
+        "noise_scale": None
+        if meter is None or meter.noise_scale is None
+        else float(meter.noise_scale),
         "train_seconds": time.perf_counter() - started,
     }
     if accelerator.is_main_process:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -128,6 +129,8 @@ def test_run_reports_effective_batch_metrics_and_tracker_logs(
     assert metrics["num_processes"] == 2
     assert metrics["optimizer_steps"] == 6
     assert metrics["skipped_steps"] == 0
+    assert math.isfinite(metrics["noise_scale"])  # measured on the logged steps
+    assert ", noise scale " in stdout
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0
     assert list(output_dir.glob("sngm/events.out.tfevents.*")), "no TensorBoard event file"
 
