@@ -152,10 +152,12 @@ class SNGMMonitorCallback(TrainerCallback):
 def _unscaled_by(optimizer: Optimizer, args: TrainingArguments) -> float:
     """The AMP loss scale the hooked micro-batch gradients carry and `.grad` no longer does.
 
-    Accelerate's GradScaler unscales `.grad` before the step only when the Trainer clips.
+    Accelerate's `clip_grad_norm_` unscales `.grad` before the step: the Trainer calls it
+    when it clips, and, in the versions that log the norm without clipping
+    (`Trainer._get_grad_norm`), on every step.
     """
     scaler: torch.amp.GradScaler | None = getattr(optimizer, "scaler", None)
-    if scaler is None or not args.max_grad_norm:
+    if scaler is None or not (args.max_grad_norm or hasattr(Trainer, "_get_grad_norm")):
         return 1.0
     return float(scaler.get_scale())
 
