@@ -131,3 +131,23 @@ def test_ddp_follows_a_change_of_the_noise(ddp_results: dict[str, list[float]]) 
     low, high = ddp_results["ddp_sigma_change"]
     assert_near(low, 1.0)
     assert_near(high, 3.0)
+
+
+def test_a_non_finite_step_leaves_the_averages() -> None:
+    estimator = GradientNoiseScale(ema_decay=0.9)
+    estimator.update(torch.tensor(3.0), 4, torch.tensor(1.0), 16)
+    before = estimator.noise_scale
+    estimator.update(torch.tensor(float("inf")), 4, torch.tensor(float("nan")), 16)
+    assert before is not None and estimator.noise_scale is not None
+    torch.testing.assert_close(estimator.noise_scale, before)
+    # |G|² = (16 - 4*3)/12 = 1/3 and S = (3 - 1)/(1/4 - 1/16) = 32/3: B_simple = 32.
+    torch.testing.assert_close(before, torch.tensor(32.0, dtype=torch.float64))
+
+
+def test_state_dict_round_trip() -> None:
+    estimator = GradientNoiseScale()
+    estimator.update(torch.tensor(3.0), 4, torch.tensor(1.0), 16)
+    restored = GradientNoiseScale(ema_decay=0.5)
+    restored.load_state_dict(estimator.state_dict())
+    assert restored.ema_decay == estimator.ema_decay and restored.updates == 1
+    torch.testing.assert_close(restored.noise_scale, estimator.noise_scale)
