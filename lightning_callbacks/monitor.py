@@ -159,26 +159,26 @@ class SNGMMonitor(Callback):
             # micro-batch gradients still carry the loss scale.
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             grad_scale = scaler.get_scale() if scaler is not None else 1.0
-            self.meter.measure(self._micro_batch_size(trainer), grad_scale)
+            micro_batch_size = self._micro_batch_size(trainer)
+            if micro_batch_size is not None:
+                self.meter.measure(micro_batch_size, grad_scale)
 
-    def _micro_batch_size(self, trainer: pl.Trainer) -> int:
+    def _micro_batch_size(self, trainer: pl.Trainer) -> int | None:
+        """`micro_batch_size`, else the training DataLoader's; None (noise scale off) when
+        neither is known."""
         if self.micro_batch_size is not None:
             return self.micro_batch_size
         loader = trainer.train_dataloader
-        batch_size = loader.batch_size if isinstance(loader, DataLoader) else None
-        if batch_size is None:
+        self.micro_batch_size = loader.batch_size if isinstance(loader, DataLoader) else None
+        if self.micro_batch_size is None and self.meter is not None:
             rank_zero_warn(
                 "SNGMMonitor: the training DataLoader has no batch_size; pass "
                 "SNGMMonitor(micro_batch_size=...) to measure the noise scale",
                 category=UserWarning,
             )
-            self.noise_scale = False
-            if self.meter is not None:
-                self.meter.remove()
-                self.meter = None
-            return 1
-        self.micro_batch_size = batch_size
-        return batch_size
+            self.meter.remove()
+            self.meter = None
+        return self.micro_batch_size
 
     def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         entry = self._records.get(id(optimizer))

@@ -611,3 +611,25 @@ def test_lr_is_logged_once(tmp_path: Path, with_lr_monitor: bool) -> None:
     has_monitor_lr = any(row.get(key) for row in rows for key in row if key.startswith("lr-"))
     assert has_sngm_lr is not with_lr_monitor
     assert has_monitor_lr is with_lr_monitor
+
+
+def test_noise_scale_under_16_mixed_is_on_the_unscaled_gradients(tmp_path: Path) -> None:
+    """The GradScaler's loss scale (about 65536) does not reach the squared norms."""
+    measured = []
+    for plugins in ([], [MixedPrecision("16-mixed", device="cpu")]):
+        monitor = SNGMMonitor()
+        trainer = make_trainer(
+            tmp_path,
+            max_steps=1,
+            accumulate_grad_batches=2,
+            log_every_n_steps=1,
+            plugins=plugins,
+            callbacks=[monitor],
+        )
+        trainer.fit(TinyRegression(weight_decay=0.0), datamodule=TinyData())
+        assert monitor.meter is None and monitor.state_dict()["noise_scale"]["updates"] == 1
+        measured.append(monitor)
+    full, mixed = (m._meter_state for m in measured)
+    assert full is not None and mixed is not None
+    for key in ("trace_sigma", "true_grad_sq"):
+        assert float(mixed[key]) == pytest.approx(float(full[key]), rel=1e-2)
