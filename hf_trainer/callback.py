@@ -126,7 +126,7 @@ def _momentum_step_norm(optimizer: SNGM, step_lrs: list[float]) -> float:
             if "momentum_buffer" in optimizer.state.get(p, {})
         ]
         if buffers:
-            group_squared = global_squared_norm(buffers, torch.float32, optimizer.process_group)
+            group_squared = global_squared_norm(buffers, optimizer.process_group)
             squared += lr**2 * group_squared.double().cpu()
     return math.sqrt(float(squared))
 

@@ -13,11 +13,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_callbacks._clipping import warn_if_norm_clipping
 from sngm_integrations import SNGM
-from sngm_integrations.distributed import (
-    accumulation_dtype,
-    global_squared_norm,
-    per_tensor_squared_norms,
-)
+from sngm_integrations.distributed import global_squared_norm, per_tensor_squared_norms
 
 __all__ = ["SNGMMonitor"]
 
@@ -110,11 +106,10 @@ class SNGMMonitor(Callback):
         if not record.params:
             return
         grads = [p.grad for p in record.params if p.grad is not None]
-        dtype = accumulation_dtype(grads)
         if self.per_layer:
-            record.layer_grad_norms = [n.sqrt() for n in per_tensor_squared_norms(grads, dtype)]
+            record.layer_grad_norms = [n.sqrt() for n in per_tensor_squared_norms(grads)]
         if not isinstance(optimizer, SNGM):
-            record.grad_norm = global_squared_norm(grads, dtype).sqrt()
+            record.grad_norm = global_squared_norm(grads).sqrt()
         if self.log_update_norm:
             record.before = [p.detach().clone() for p in record.params]
 
@@ -130,13 +125,10 @@ class SNGMMonitor(Callback):
             record.grad_norm = optimizer.last_grad_norm
         if record.before:
             updates = [p.detach() - b for p, b in zip(record.params, record.before, strict=True)]
-            dtype = accumulation_dtype(updates)
             process_group = getattr(optimizer, "process_group", None)
-            record.update_norm = global_squared_norm(updates, dtype, process_group).sqrt()
+            record.update_norm = global_squared_norm(updates, process_group).sqrt()
             if self.per_layer:
-                record.layer_update_norms = [
-                    n.sqrt() for n in per_tensor_squared_norms(updates, dtype)
-                ]
+                record.layer_update_norms = [n.sqrt() for n in per_tensor_squared_norms(updates)]
             record.before = []
 
     def on_train_batch_end(

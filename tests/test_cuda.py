@@ -149,3 +149,44 @@ def test_compiled_step_matches_eager(implementation: str) -> None:
         torch.testing.assert_close(compiled.last_grad_norm, eager.last_grad_norm)
     for a, b in zip(eager_params, compiled_params, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gradient_in_another_layout_falls_back_to_torchs_kernel() -> None:
+    p = torch.nn.Parameter(torch.randn(6, 4, device="cuda"))
+    q = torch.nn.Parameter(p.detach().clone())
+    p.grad = torch.randn(4, 6, device="cuda").t()  # the transposed layout of p's
+    q.grad = p.grad.contiguous()
+    optimizer = SNGM([p], lr=0.1)  # fused_backend="auto": no error, torch's kernel steps
+    reference = ReferenceSNGM([q], lr=0.1)
+    optimizer.step()
+    reference.step()
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert optimizer._triton_plans is not None
+    (reason,) = optimizer._triton_plans._entries.values()
+    assert isinstance(reason, str) and "layout" in reason
+
+
+def test_a_graph_captured_before_any_eager_step_uses_torchs_kernel() -> None:
+    params = make_params(torch.float32)
+    twins = make_params(torch.float32)
+    optimizer = SNGM(params, lr=0.1, weight_decay=0.01)
+    reference = SNGM(twins, lr=0.1, weight_decay=0.01, foreach=True)
+    static_grads = [torch.zeros_like(p) for p in params]
+    for p, grad in zip(params, static_grads, strict=True):
+        p.grad = grad
+    optimizer.state.clear()
+    for p in params:  # the state exists before the capture, but no Triton plan does
+        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        optimizer.state[p]["skipped_steps"] = torch.zeros((), device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        optimizer.step()
+    for step in range(3):
+        for static, twin, grad in zip(static_grads, twins, seeded_grads(params, step), strict=True):
+            static.copy_(grad)
+            twin.grad = grad.clone()
+        graph.replay()
+        reference.step()
+    torch.cuda.synchronize()
+    for a, b in zip(params, twins, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
