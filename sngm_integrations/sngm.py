@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from sngm_integrations import sharding
 from sngm_integrations.distributed import (
     accumulation_dtype,
     all_reduce_and_sum,
@@ -372,6 +373,9 @@ class SNGM(Optimizer):
                         skip_counters=skip_counters,
                     )
                 )
+        # Engines that shard the optimizer's tensors: reduction group, deferred groups.
+        plan = sharding.plan_step(self, groups, self.process_group, self._last_step)
+        groups = plan.groups
         if not groups:
             return loss
         first = self.param_groups[0]
@@ -379,13 +383,14 @@ class SNGM(Optimizer):
             groups,
             normalize=first["normalize"],
             eps=first["eps"],
-            process_group=self.process_group,
+            process_group=plan.process_group,
             foreach=first["foreach"],
             fused=first["fused"],
             fused_backend=self.fused_backend,
             triton_plans=self._triton_plans,
         )
         self._last_step["grad_norm"] = stats.grad_norm
+        plan.finish()
         return loss
 
 

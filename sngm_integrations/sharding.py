@@ -1,0 +1,267 @@
+"""Which engine shards the optimizer's tensors, and what SNGM's step must do about it.
+
+SNGM needs one norm over the whole model's gradient. Engines that shard the optimizer's
+tensors do not tell the optimizer, so this module recognises them from what the optimizer
+holds and from who calls its `step()`:
+
+* DeepSpeed ZeRO-1/2 (`DeepSpeedZeroOptimizer`, the caller of `step()`): each rank holds
+  one flat fp32 partition per param group, disjoint across the data-parallel group, padded
+  with zeros. Squared norms are summed over that group. ZeRO steps the client optimizer
+  once per param group (`param_groups = [group_i]`), before group `i + 1`'s gradient
+  exists, so the updates are deferred to the step's last group call: every group's
+  gradient is kept until then (one fp32 gradient partition per group at once, where ZeRO
+  alone holds one group's), all groups are updated with the one norm, and the earlier
+  groups' weights are copied to their 16-bit partitions, as ZeRO does after each call.
+* DeepSpeed ZeRO-0 (the `DeepSpeedEngine` calls `step()`): gradients are averaged and
+  replicated; nothing is summed.
+* FSDP1 (`FlatParameter`s, or with `use_orig_params=True` the original parameters as views
+  of them): sharded strategies split each flat parameter across the ranks of the world
+  (zero padding); NO_SHARD replicates it. Squared norms are summed over the world.
+  HYBRID_SHARD shards over a group SNGM cannot see: it needs `process_group`.
+
+Configurations that cannot be made exact raise `ShardingError` before the first update.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+if TYPE_CHECKING:
+    from .sngm import SNGMParamGroup
+
+__all__ = ["ShardingError", "StepPlan", "plan_step"]
+
+_CALLER_FRAMES = 8
+
+
+class ShardingError(RuntimeError):
+    """A sharded configuration in which SNGM cannot take the global-norm step."""
+
+
+@dataclass
+class StepPlan:
+    """What `SNGM.step` does now: update `groups` with the norm reduced over
+    `process_group`, then call `finish` (nothing to update when `groups` is empty)."""
+
+    groups: list[SNGMParamGroup]
+    process_group: dist.ProcessGroup | None
+    finish: Callable[[], None] = lambda: None
+
+
+@dataclass
+class _Engine:
+    name: str
+    process_group: dist.ProcessGroup | None  # None: gradients are replicated
+    zero_optimizer: Any = None  # DeepSpeed ZeRO-1/2's optimizer, which steps per group
+    pending: dict[int, SNGMParamGroup] = field(default_factory=dict)
+
+
+_ENGINES: weakref.WeakKeyDictionary[Optimizer, _Engine | None] = weakref.WeakKeyDictionary()
+
+
+def _deepspeed_caller(optimizer: Optimizer) -> Any:
+    """The DeepSpeed object whose `optimizer` is `optimizer` and which is calling its step."""
+    frame = sys._getframe(2)
+    for _ in range(_CALLER_FRAMES):
+        if frame is None:
+            return None
+        caller = frame.f_locals.get("self")
+        if (
+            caller is not None
+            and caller is not optimizer
+            and type(caller).__module__.startswith("deepspeed.")
+            and getattr(caller, "optimizer", None) is optimizer
+        ):
+            return caller
+        frame = frame.f_back
+    return None
+
+
+def _deepspeed_engine(caller: Any) -> _Engine:
+    kind = type(caller).__name__
+    if kind == "DeepSpeedEngine":
+        return _Engine("DeepSpeed ZeRO-0", None)
+    if kind == "DeepSpeedZeroOptimizer":
+        if caller.cpu_offload and len(caller.bit16_groups) > 1:
+            raise ShardingError(
+                "SNGM under DeepSpeed ZeRO-1/2 with offload_optimizer and several param "
+                "groups is not supported (each group is written back before the next one's "
+                "gradient exists); use one param group or no optimizer offload"
+            )
+        groups = {id(g) for g in caller.real_dp_process_group}
+        if len(groups) != 1:
+            raise ShardingError(
+                "SNGM under DeepSpeed ZeRO-1/2 needs one data-parallel group for every "
+                f"param group; got {len(groups)}"
+            )
+        stage = 2 if caller.partition_gradients else 1
+        return _Engine(f"DeepSpeed ZeRO-{stage}", caller.real_dp_process_group[0], caller)
+    if kind == "DeepSpeedZeroOptimizer_Stage3":
+        raise ShardingError(
+            "SNGM under DeepSpeed ZeRO-3 is not supported: ZeRO-3 steps the optimizer once "
+            "per sub-group and writes each sub-group's weights back before the next one's "
+            "gradient exists, and the padding of its fp32 partitions is not zeroed, so no "
+            "global norm can be formed; use ZeRO-1 or ZeRO-2, or FSDP"
+        )
+    raise ShardingError(
+        f"SNGM does not know DeepSpeed's {kind} (it calls SNGM.step()), so it cannot tell "
+        "whether the optimizer's tensors are sharded; supported: ZeRO stages 0-2 in fp32 "
+        "(no fp16/bf16 section at stage 0)"
+    )
+
+
+def _flat_parameters(params: Sequence[Tensor]) -> list[Any]:
+    """FSDP1's flat parameters behind `params` (themselves, or those they are views of)."""
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    flat = [p for p in params if isinstance(p, FlatParameter)]
+    if len(flat) == len(params):
+        return flat
+    # use_orig_params=True: the optimizer holds views of flat parameters, which do not
+    # point back to them; they are found once, on the first step.
+    wanted = {id(p) for p in params if not isinstance(p, FlatParameter)}
+    for obj in gc.get_objects():
+        if isinstance(obj, FlatParameter) and obj._params is not None:
+            if any(id(p) in wanted for p in obj._params):
+                flat.append(obj)
+    return flat
+
+
+def _shard_count(flat_param: Any) -> int:
+    """Over how many ranks FSDP1 splits `flat_param` (1 for NO_SHARD, which sets no sizes)."""
+    padded = getattr(flat_param, "_padded_unsharded_size", None)
+    if padded is None:
+        return 1
+    return int(padded.numel() // max(flat_param._sharded_size.numel(), 1))
+
+
+def _fsdp1_engine(params: Sequence[Tensor], explicit: dist.ProcessGroup | None) -> _Engine:
+    flat = _flat_parameters(params)
+    if not flat:
+        raise ShardingError("SNGM found FSDP1 parameters but not their flat parameters")
+    shard_counts = {_shard_count(f) for f in flat}
+    if shard_counts == {1}:
+        return _Engine("FSDP1 NO_SHARD", None)
+    if len(shard_counts) != 1:
+        raise ShardingError(
+            f"SNGM under FSDP1 found flat parameters sharded {sorted(shard_counts)} ways; "
+            "it needs one sharding strategy for every FSDP unit it optimizes"
+        )
+    (shards,) = shard_counts
+    if explicit is not None:
+        if dist.get_world_size(explicit) != shards:
+            raise ShardingError(
+                f"process_group has {dist.get_world_size(explicit)} ranks, but FSDP1 shards "
+                f"each flat parameter over {shards}: pass its shard group"
+            )
+        return _Engine("FSDP1", explicit)
+    if shards != dist.get_world_size():
+        raise ShardingError(
+            f"SNGM under FSDP1 HYBRID_SHARD (flat parameters sharded over {shards} of "
+            f"{dist.get_world_size()} ranks) needs process_group=<the shard group> (FSDP's "
+            "process_group[0] or its intra-node group)"
+        )
+    return _Engine("FSDP1", dist.group.WORLD)
+
+
+def _detect(optimizer: Optimizer, explicit: dist.ProcessGroup | None) -> _Engine | None:
+    caller = _deepspeed_caller(optimizer)
+    if caller is not None:
+        engine = _deepspeed_engine(caller)
+    else:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if not any(getattr(p, "_fsdp_flattened", False) for p in params):
+            return None
+        engine = _fsdp1_engine(params, explicit)
+    if explicit is not None and engine.process_group is None:
+        warnings.warn(
+            f"SNGM ignores process_group under {engine.name}: its gradients are already "
+            "averaged and replicated on every rank, and summing their norms would inflate "
+            "the norm",
+            stacklevel=4,
+        )
+    return engine
+
+
+def _zero_contribution(group: dist.ProcessGroup) -> Tensor:
+    """A rank without gradients joins the norm's all-reduce with zero."""
+    total = torch.zeros((), dtype=torch.float32)
+    dist.all_reduce(total, group=group)
+    return total.sqrt()
+
+
+def plan_step(
+    optimizer: Optimizer,
+    groups: list[SNGMParamGroup],
+    explicit: dist.ProcessGroup | None,
+    last_step: dict[str, Tensor | None],
+) -> StepPlan:
+    """The step `optimizer` (an SNGM) takes now with the local `groups` it collected.
+
+    Args:
+        optimizer: The SNGM whose `step()` is running.
+        groups: The param groups with gradients, as `step()` collected them.
+        explicit: The `process_group` the user gave, or None.
+        last_step: SNGM's record of the last step, where a rank without gradients puts
+            the reduced norm.
+    """
+    if torch.compiler.is_compiling():  # engines are recognised on an eager step
+        return StepPlan(groups, explicit)
+    if optimizer not in _ENGINES:
+        _ENGINES[optimizer] = _detect(optimizer, explicit)
+    engine = _ENGINES[optimizer]
+    if engine is None:
+        if not groups and explicit is not None:
+            last_step["grad_norm"] = _zero_contribution(explicit)
+        return StepPlan(groups, explicit)
+    if engine.name != "DeepSpeed ZeRO-0" and optimizer.param_groups[0]["normalize"] == "layer":
+        raise ShardingError(
+            f"normalize='layer' cannot be used under {engine.name}: the optimizer holds flat "
+            "partitions, whose norms are not the tensors' norms"
+        )
+    zero = engine.zero_optimizer
+    if zero is not None and len(zero.bit16_groups) > 1:
+        return _deferred_plan(engine, zero, optimizer, groups)
+    if not groups and engine.process_group is not None:
+        last_step["grad_norm"] = _zero_contribution(engine.process_group)
+    return StepPlan(groups, engine.process_group)
+
+
+def _deferred_plan(
+    engine: _Engine, zero: Any, optimizer: Optimizer, groups: list[SNGMParamGroup]
+) -> StepPlan:
+    """ZeRO-1/2 steps one param group per call: keep each until the step's last call."""
+    (param_group,) = optimizer.param_groups
+    (partition,) = param_group["params"]
+    index = next(i for i, p in enumerate(zero.single_partition_of_fp32_groups) if p is partition)
+    if groups:
+        engine.pending[index] = groups[0]
+    if index < len(zero.bit16_groups) - 1:
+        return StepPlan([], engine.process_group)
+    pending = [engine.pending[i] for i in sorted(engine.pending)]
+    engine.pending.clear()
+    if len(pending) != len(zero.bit16_groups):
+        raise ShardingError(
+            f"SNGM under {engine.name} received {len(pending)} of "
+            f"{len(zero.bit16_groups)} param groups' gradients in one step"
+        )
+
+    def write_back() -> None:
+        # ZeRO copied these groups' weights to their 16-bit partitions before the update.
+        for i in range(len(zero.bit16_groups) - 1):
+            rank = dist.get_rank(group=zero.real_dp_process_group[i])
+            fp32 = zero.single_partition_of_fp32_groups[i]
+            zero.parallel_partitioned_bit16_groups[i][rank].data.copy_(fp32.data)
+
+    return StepPlan(pending, engine.process_group, write_back)

@@ -1,0 +1,160 @@
+"""Runs under `torchrun --nproc_per_node 2` on CPU with gloo: a plain SNGM under real engines.
+
+For each configuration, SNGM is built the way the HF Trainer and Accelerate build it
+(nobody tells it about the engine), handed to DeepSpeed or FSDP1, and takes 3 steps with
+half of each batch on each rank. Rank 0 saves the full weights, SNGM's last norm, and what
+really ran (the wrapper's type, the sharding) to OUT/<name>.pt, or the error SNGM raised;
+tests/test_sharded_engines.py compares them with one process on the whole batch.
+Usage: python -m torch.distributed.run --nproc_per_node 2 engine_worker.py OUT ENGINE
+ENGINE is "deepspeed" or "fsdp1".
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sharded_sngm_worker import STEPS, batch, full_model  # noqa: E402
+
+from sngm_integrations import SNGM  # noqa: E402
+
+WEIGHT_DECAY = 0.01
+
+
+def param_groups(model: torch.nn.Module, groups: int) -> list[dict[str, Any]]:
+    """One group with weight decay, or the Trainer's two: decay on weights, none on biases."""
+    if groups == 1:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": trainable, "weight_decay": WEIGHT_DECAY}]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if n.endswith("weight")], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0},
+    ]
+
+
+def make_sngm(groups: list[dict[str, Any]]) -> SNGM:
+    return SNGM(groups, lr=0.1, momentum=0.9)
+
+
+def half_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = batch(step)
+    rows = slice(rank * 4, (rank + 1) * 4)
+    return x[rows], y[rows]
+
+
+def save(out: Path, name: str, result: dict[str, Any]) -> None:
+    if dist.get_rank() == 0:
+        torch.save(result, out / f"{name}.pt")
+
+
+def deepspeed_run(out: Path, stage: int, groups: int) -> None:
+    import deepspeed
+
+    model = full_model()
+    optimizer = make_sngm(param_groups(model, groups))
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, ds_optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=config
+    )
+    name = f"zero{stage}_groups{groups}"
+    result: dict[str, Any] = {"wrapper": type(ds_optimizer).__name__}
+    try:
+        for step in range(STEPS):
+            x, y = half_batch(step, dist.get_rank())
+            loss = torch.nn.functional.mse_loss(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+    except RuntimeError as error:
+        result["error"] = str(error)
+        save(out, name, result)
+        engine.destroy()
+        return
+    result["params"] = [p.detach().clone() for p in model.parameters()]
+    result["norm"] = optimizer.last_grad_norm
+    result["deepspeed_norm"] = engine.get_global_grad_norm()
+    save(out, name, result)
+    engine.destroy()
+
+
+def fsdp1_run(
+    out: Path, strategy: str, use_orig_params: bool, groups: int, frozen: bool = False
+) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    model = full_model()
+    if frozen:
+        for layer in (model[0], model[2]):
+            layer.requires_grad_(False)
+    kwargs: dict[str, Any] = dict(
+        sharding_strategy=ShardingStrategy[strategy],
+        use_orig_params=use_orig_params,
+        device_id=torch.device("cpu"),
+    )
+    if frozen and not use_orig_params:  # one flat parameter may not mix frozen and trained
+        for i in (0, 2, 4):
+            model[i] = FSDP(model[i], **kwargs)
+    wrapped = FSDP(model, **kwargs)
+    optimizer = make_sngm(param_groups(wrapped, groups))
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    name = f"fsdp1_{strategy}_orig{int(use_orig_params)}_groups{groups}" + (
+        "_frozen" if frozen else ""
+    )
+    result: dict[str, Any] = {
+        "wrapper": type(wrapped).__name__,
+        "strategy": wrapped.sharding_strategy.name,
+        "flat_parameters": sum(isinstance(p, FlatParameter) for p in held),
+        "local_numel": sum(p.numel() for p in held),
+    }
+    for step in range(STEPS):
+        x, y = half_batch(step, dist.get_rank())
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(wrapped(x), y).backward()
+        optimizer.step()
+    with FSDP.summon_full_params(wrapped):
+        result["params"] = [p.detach().clone() for p in wrapped.parameters()]
+    result["norm"] = optimizer.last_grad_norm
+    save(out, name, result)
+
+
+def main() -> None:
+    out, engine = Path(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo")
+    if engine == "deepspeed":
+        import deepspeed
+
+        # The shared-memory op is JIT-compiled with g++ (minutes); gloo does not need it.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
+        deepspeed.init_distributed(dist_backend="gloo")
+        for stage in (0, 1, 2, 3):
+            for groups in (1, 2):
+                deepspeed_run(out, stage, groups)
+    else:
+        for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"):
+            for use_orig_params in (True, False):
+                fsdp1_run(out, strategy, use_orig_params, 2 if use_orig_params else 1)
+        for use_orig_params in (True, False):
+            fsdp1_run(out, "FULL_SHARD", use_orig_params, 1, frozen=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""A plain SNGM under real sharding engines (DeepSpeed ZeRO, FSDP1) on 2 gloo CPU ranks
+takes the step of one process on the whole batch, or raises a clear error."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sngm_integrations import SNGM
+
+WORKER = Path(__file__).parent / "distributed" / "engine_worker.py"
+sys.path.insert(0, str(WORKER.parent))
+import engine_worker as worker  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def run_workers(out: Path, engine: str) -> Path:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "DS_ACCELERATOR": "cpu",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--standalone", str(WORKER), str(out), engine]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def deepspeed_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("needs DeepSpeed (make setup installs it)")
+    return run_workers(tmp_path_factory.mktemp("deepspeed"), "deepspeed")
+
+
+@pytest.fixture(scope="module")
+def fsdp1_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_workers(tmp_path_factory.mktemp("fsdp1"), "fsdp1")
+
+
+def one_process(groups: int, frozen: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+    model = worker.full_model()
+    if frozen:
+        for layer in (model[0], model[2]):
+            layer.requires_grad_(False)
+    optimizer = SNGM(worker.param_groups(model, groups), lr=0.1, momentum=0.9)
+    for step in range(worker.STEPS):
+        x, y = worker.batch(step)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    assert optimizer.last_grad_norm is not None
+    return [p.detach() for p in model.parameters()], optimizer.last_grad_norm
+
+
+def assert_one_process_step(result: dict, groups: int, frozen: bool = False) -> None:
+    expected, expected_norm = one_process(groups, frozen)
+    assert len(result["params"]) == len(expected)
+    for value, want in zip(result["params"], expected, strict=True):
+        torch.testing.assert_close(value.reshape(want.shape), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(result["norm"], expected_norm, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize(
+    ("stage", "wrapper"),
+    [(0, "SNGM"), (1, "DeepSpeedZeroOptimizer"), (2, "DeepSpeedZeroOptimizer")],
+)
+def test_deepspeed_zero_steps_like_one_process(
+    deepspeed_results: Path, stage: int, wrapper: str, groups: int
+) -> None:
+    result = torch.load(deepspeed_results / f"zero{stage}_groups{groups}.pt", weights_only=False)
+    assert result["wrapper"] == wrapper
+    assert "error" not in result, result.get("error")
+    assert_one_process_step(result, groups)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_deepspeed_zero3_is_refused_before_the_first_update(
+    deepspeed_results: Path, groups: int
+) -> None:
+    result = torch.load(deepspeed_results / f"zero3_groups{groups}.pt", weights_only=False)
+    assert result["wrapper"] == "DeepSpeedZeroOptimizer_Stage3"
+    assert "ZeRO-3 is not supported" in result["error"]
+
+
+@pytest.mark.parametrize("use_orig_params", [True, False])
+@pytest.mark.parametrize("strategy", ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"])
+def test_fsdp1_steps_like_one_process(
+    fsdp1_results: Path, strategy: str, use_orig_params: bool
+) -> None:
+    groups = 2 if use_orig_params else 1
+    name = f"fsdp1_{strategy}_orig{int(use_orig_params)}_groups{groups}.pt"
+    result = torch.load(fsdp1_results / name, weights_only=False)
+    assert result["wrapper"] == "FullyShardedDataParallel"
+    assert result["strategy"] == strategy
+    assert result["flat_parameters"] == (0 if use_orig_params else 1)
+    full_numel = sum(p.numel() for p in worker.full_model().parameters())
+    if strategy != "NO_SHARD":  # this rank really holds a shard, not the whole model
+        assert result["local_numel"] < full_numel
+    assert_one_process_step(result, groups)
+
+
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_fsdp1_with_frozen_layers_steps_like_one_process(
+    fsdp1_results: Path, use_orig_params: bool
+) -> None:
+    name = f"fsdp1_FULL_SHARD_orig{int(use_orig_params)}_groups1_frozen.pt"
+    result = torch.load(fsdp1_results / name, weights_only=False)
+    assert result["wrapper"] == "FullyShardedDataParallel"
+    assert_one_process_step(result, 1, frozen=True)
