@@ -30,6 +30,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,7 +73,7 @@ _ENGINES: weakref.WeakKeyDictionary[Optimizer, _Engine | None] = weakref.WeakKey
 
 def _deepspeed_caller(optimizer: Optimizer) -> Any:
     """The DeepSpeed object whose `optimizer` is `optimizer` and which is calling its step."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(_CALLER_FRAMES):
         if frame is None:
             return None
@@ -132,9 +133,12 @@ def _flat_parameters(params: Sequence[Tensor]) -> list[Any]:
     # point back to them; they are found once, on the first step.
     wanted = {id(p) for p in params if not isinstance(p, FlatParameter)}
     for obj in gc.get_objects():
-        if isinstance(obj, FlatParameter) and obj._params is not None:
-            if any(id(p) in wanted for p in obj._params):
-                flat.append(obj)
+        if (
+            isinstance(obj, FlatParameter)
+            and obj._params is not None
+            and any(id(p) in wanted for p in obj._params)
+        ):
+            flat.append(obj)
     return flat
 
 
