@@ -118,3 +118,66 @@ def test_fsdp1_with_frozen_layers_steps_like_one_process(
     result = torch.load(fsdp1_results / name, weights_only=False)
     assert result["wrapper"] == "FullyShardedDataParallel"
     assert_one_process_step(result, 1, frozen=True)
+
+
+@pytest.fixture(scope="module")
+def hf_zero2_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("needs DeepSpeed (make setup installs it)")
+    out = tmp_path_factory.mktemp("hf_deepspeed")
+    tests = Path(__file__).parent
+    python_path = [str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, python_path)),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "DS_ACCELERATOR": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--standalone", str(tests / "distributed" / "hf_deepspeed_worker.py"), str(out), "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return torch.load(out / "hf_zero2.pt", weights_only=False)
+
+
+def test_hf_trainer_under_deepspeed_zero2_steps_like_one_process(
+    hf_zero2_result: dict, tmp_path: Path
+) -> None:
+    from hf_fixtures.tiny_text_task import build_dataset, build_tiny_model
+    from transformers import Trainer, TrainingArguments
+
+    import hf_trainer  # noqa: F401  (registers optim="sngm")
+
+    assert hf_zero2_result["chain"] == [
+        "DeepSpeedOptimizerWrapper",
+        "DeepSpeedZeroOptimizer",
+        "SNGM",
+    ]
+    assert hf_zero2_result["engine"] == "DeepSpeedEngine"
+    assert hf_zero2_result["global_step"] == 3
+    # SNGM divides by DeepSpeed's own global norm (weight decay 0), not a partition's.
+    assert hf_zero2_result["norm"].item() == pytest.approx(
+        hf_zero2_result["deepspeed_norm"], rel=1e-5
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        optim="sngm",
+        learning_rate=0.1,
+        weight_decay=0.0,
+        per_device_train_batch_size=8,
+        max_steps=3,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = Trainer(model=build_tiny_model(), args=args, train_dataset=build_dataset(8))
+    trainer.train()
+    expected = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    torch.testing.assert_close(hf_zero2_result["params"], expected, rtol=0, atol=1e-5)
