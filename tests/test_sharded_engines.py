@@ -47,12 +47,14 @@ def fsdp1_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_workers(tmp_path_factory.mktemp("fsdp1"), "fsdp1")
 
 
-def one_process(groups: int, frozen: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+def one_process(
+    groups: int, frozen: bool = False, weight_decay: float = worker.WEIGHT_DECAY
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     model = worker.full_model()
     if frozen:
         for layer in (model[0], model[2]):
             layer.requires_grad_(False)
-    optimizer = SNGM(worker.param_groups(model, groups), lr=0.1, momentum=0.9)
+    optimizer = SNGM(worker.param_groups(model, groups, weight_decay), lr=0.1, momentum=0.9)
     for step in range(worker.STEPS):
         x, y = worker.batch(step)
         optimizer.zero_grad()
@@ -82,6 +84,18 @@ def test_deepspeed_zero_steps_like_one_process(
     assert result["wrapper"] == wrapper
     assert "error" not in result, result.get("error")
     assert_one_process_step(result, groups)
+
+
+def test_deepspeed_zero2_bf16_divides_by_deepspeeds_global_norm(deepspeed_results: Path) -> None:
+    result = torch.load(deepspeed_results / "zero2_groups2_bf16.pt", weights_only=False)
+    assert result["wrapper"] == "DeepSpeedZeroOptimizer"
+    assert result["dtype"] == "torch.bfloat16"
+    # Weight decay 0: SNGM's norm is DeepSpeed's own, of the fp32 gradient partitions.
+    torch.testing.assert_close(result["norm"], result["deepspeed_norm"].float(), rtol=1e-5, atol=0)
+    # The steps are one process's, up to bfloat16's rounding of the forward pass.
+    expected, _ = one_process(2, weight_decay=0.0)
+    for value, want in zip(result["params"], expected, strict=True):
+        torch.testing.assert_close(value, want, rtol=0, atol=1e-2)
 
 
 @pytest.mark.parametrize("groups", [1, 2])

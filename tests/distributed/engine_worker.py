@@ -27,14 +27,16 @@ from sngm_integrations import SNGM  # noqa: E402
 WEIGHT_DECAY = 0.01
 
 
-def param_groups(model: torch.nn.Module, groups: int) -> list[dict[str, Any]]:
+def param_groups(
+    model: torch.nn.Module, groups: int, weight_decay: float = WEIGHT_DECAY
+) -> list[dict[str, Any]]:
     """One group with weight decay, or the Trainer's two: decay on weights, none on biases."""
     if groups == 1:
         trainable = [p for p in model.parameters() if p.requires_grad]
-        return [{"params": trainable, "weight_decay": WEIGHT_DECAY}]
+        return [{"params": trainable, "weight_decay": weight_decay}]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [
-        {"params": [p for n, p in named if n.endswith("weight")], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for n, p in named if n.endswith("weight")], "weight_decay": weight_decay},
         {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0},
     ]
 
@@ -54,27 +56,30 @@ def save(out: Path, name: str, result: dict[str, Any]) -> None:
         torch.save(result, out / f"{name}.pt")
 
 
-def deepspeed_run(out: Path, stage: int, groups: int) -> None:
+def deepspeed_run(out: Path, stage: int, groups: int, bf16: bool = False) -> None:
     import deepspeed
 
     model = full_model()
-    optimizer = make_sngm(param_groups(model, groups))
+    optimizer = make_sngm(param_groups(model, groups, weight_decay=0.0 if bf16 else WEIGHT_DECAY))
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
+        "bf16": {"enabled": bf16},
     }
     engine, ds_optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=config
     )
-    name = f"zero{stage}_groups{groups}"
+    name = f"zero{stage}_groups{groups}" + ("_bf16" if bf16 else "")
     result: dict[str, Any] = {"wrapper": type(ds_optimizer).__name__}
     try:
         for step in range(STEPS):
             x, y = half_batch(step, dist.get_rank())
-            loss = torch.nn.functional.mse_loss(engine(x), y)
+            if bf16:
+                x = x.to(torch.bfloat16)
+            loss = torch.nn.functional.mse_loss(engine(x).float(), y)
             engine.backward(loss)
             engine.step()
     except RuntimeError as error:
@@ -82,7 +87,8 @@ def deepspeed_run(out: Path, stage: int, groups: int) -> None:
         save(out, name, result)
         engine.destroy()
         return
-    result["params"] = [p.detach().clone() for p in model.parameters()]
+    result["dtype"] = str(next(model.parameters()).dtype)
+    result["params"] = [p.detach().float() for p in model.parameters()]
     result["norm"] = optimizer.last_grad_norm
     result["deepspeed_norm"] = engine.get_global_grad_norm()
     save(out, name, result)
@@ -143,6 +149,7 @@ def main() -> None:
         for stage in (0, 1, 2, 3):
             for groups in (1, 2):
                 deepspeed_run(out, stage, groups)
+        deepspeed_run(out, 2, 2, bf16=True)
     else:
         for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"):
             for use_orig_params in (True, False):
