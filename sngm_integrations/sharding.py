@@ -64,7 +64,12 @@ class StepPlan:
 class _Engine:
     name: str
     process_group: dist.ProcessGroup | None  # None: gradients are replicated
-    zero_optimizer: Any = None  # DeepSpeed ZeRO-1/2's optimizer, which steps per group
+    partitions: list[Tensor] = field(default_factory=list)
+    """DeepSpeed ZeRO's flat fp32 partitions, stepped one per call, in its order."""
+    write_back: Callable[[int], None] = lambda index: None
+    """Copies partition `index`'s updated weights where ZeRO copies them after its call."""
+    paddings: list[list[tuple[int, int]]] = field(default_factory=list)
+    """Per partition, `(offset, length)` of its padding (ZeRO-3 leaves it uninitialised)."""
     pending: dict[int, SNGMParamGroup] = field(default_factory=dict)
 
 
@@ -94,31 +99,62 @@ def _deepspeed_engine(caller: Any) -> _Engine:
     if kind == "DeepSpeedEngine":
         return _Engine("DeepSpeed ZeRO-0", None)
     if kind == "DeepSpeedZeroOptimizer":
-        if caller.cpu_offload and len(caller.bit16_groups) > 1:
-            raise ShardingError(
-                "SNGM under DeepSpeed ZeRO-1/2 with offload_optimizer and several param "
-                "groups is not supported (each group is written back before the next one's "
-                "gradient exists); use one param group or no optimizer offload"
-            )
-        groups = {id(g) for g in caller.real_dp_process_group}
-        if len(groups) != 1:
-            raise ShardingError(
-                "SNGM under DeepSpeed ZeRO-1/2 needs one data-parallel group for every "
-                f"param group; got {len(groups)}"
-            )
-        stage = 2 if caller.partition_gradients else 1
-        return _Engine(f"DeepSpeed ZeRO-{stage}", caller.real_dp_process_group[0], caller)
+        return _zero12_engine(caller)
     if kind == "DeepSpeedZeroOptimizer_Stage3":
-        raise ShardingError(
-            "SNGM under DeepSpeed ZeRO-3 is not supported: ZeRO-3 steps the optimizer once "
-            "per sub-group and writes each sub-group's weights back before the next one's "
-            "gradient exists, and the padding of its fp32 partitions is not zeroed, so no "
-            "global norm can be formed; use ZeRO-1 or ZeRO-2, or FSDP"
-        )
+        return _zero3_engine(caller)
     raise ShardingError(
         f"SNGM does not know DeepSpeed's {kind} (it calls SNGM.step()), so it cannot tell "
-        "whether the optimizer's tensors are sharded; supported: ZeRO stages 0-2 in fp32 "
-        "(no fp16/bf16 section at stage 0)"
+        "whether the optimizer's tensors are sharded; supported: ZeRO stages 0-3, and "
+        "stage 0 without an fp16/bf16 section"
+    )
+
+
+def _zero12_engine(zero: Any) -> _Engine:
+    stage = 2 if zero.partition_gradients else 1
+    name = f"DeepSpeed ZeRO-{stage}"
+    partitions = list(zero.single_partition_of_fp32_groups)
+    if zero.cpu_offload and len(partitions) > 1:
+        raise ShardingError(
+            f"SNGM under {name} with offload_optimizer and several param groups is not "
+            "supported (ZeRO writes each group back before the next one's gradient "
+            "exists); use one param group or no optimizer offload"
+        )
+    if len({id(g) for g in zero.real_dp_process_group}) != 1:
+        raise ShardingError(f"SNGM under {name} needs one data-parallel group for all groups")
+
+    def write_back(index: int) -> None:
+        rank = dist.get_rank(group=zero.real_dp_process_group[index])
+        zero.parallel_partitioned_bit16_groups[index][rank].data.copy_(partitions[index].data)
+
+    return _Engine(name, zero.real_dp_process_group[0], partitions, write_back)
+
+
+def _zero3_engine(zero: Any) -> _Engine:
+    partitions = list(zero.fp32_partitioned_groups_flat)
+    if (zero.offload_optimizer or zero.offload_param) and len(partitions) > 1:
+        raise ShardingError(
+            "SNGM under DeepSpeed ZeRO-3 with offload_optimizer or offload_param and "
+            "several sub-groups is not supported (ZeRO swaps each sub-group out before the "
+            "next one's gradient exists); use one param group and a sub_group_size above "
+            "the model's size, or no offload"
+        )
+    rank = dist.get_rank(group=zero.dp_process_group)
+    paddings = []
+    for params in zero.fp16_groups:  # each partition holds every parameter's slice, padded
+        offset, padding = 0, []
+        for p in params:
+            size = p.partition_numel()
+            valid = max(0, min(size, p.ds_numel - rank * size))
+            if valid < size:
+                padding.append((offset + valid, size - valid))
+            offset += size
+        paddings.append(padding)
+    return _Engine(
+        "DeepSpeed ZeRO-3",
+        zero.dp_process_group,
+        partitions,
+        zero._reassign_or_swap_out_partitioned_parameters,
+        paddings,
     )
 
 
@@ -234,38 +270,41 @@ def plan_step(
             f"normalize='layer' cannot be used under {engine.name}: the optimizer holds flat "
             "partitions, whose norms are not the tensors' norms"
         )
-    zero = engine.zero_optimizer
-    if zero is not None and len(zero.bit16_groups) > 1:
-        return _deferred_plan(engine, zero, optimizer, groups)
+    if engine.partitions:
+        return _per_partition_plan(engine, groups)
     if not groups and engine.process_group is not None:
         last_step["grad_norm"] = _zero_contribution(engine.process_group)
     return StepPlan(groups, engine.process_group)
 
 
-def _deferred_plan(
-    engine: _Engine, zero: Any, optimizer: Optimizer, groups: list[SNGMParamGroup]
-) -> StepPlan:
-    """ZeRO-1/2 steps one param group per call: keep each until the step's last call."""
-    (param_group,) = optimizer.param_groups
-    (partition,) = param_group["params"]
-    index = next(i for i, p in enumerate(zero.single_partition_of_fp32_groups) if p is partition)
-    if groups:
-        engine.pending[index] = groups[0]
-    if index < len(zero.bit16_groups) - 1:
-        return StepPlan([], engine.process_group)
-    pending = [engine.pending[i] for i in sorted(engine.pending)]
-    engine.pending.clear()
-    if len(pending) != len(zero.bit16_groups):
+def _per_partition_plan(engine: _Engine, groups: list[SNGMParamGroup]) -> StepPlan:
+    """ZeRO steps one partition per call: keep each until the step's last call."""
+    held = {id(p): g for g in groups for p in g.params}
+    index = next((i for i, p in enumerate(engine.partitions) if id(p) in held), None)
+    if index is None or len(held) != 1:
         raise ShardingError(
-            f"SNGM under {engine.name} received {len(pending)} of "
-            f"{len(zero.bit16_groups)} param groups' gradients in one step"
+            f"SNGM under {engine.name} expects one flat partition with a gradient per "
+            f"step() call; got {len(held)}"
+        )
+    partition = engine.partitions[index]
+    for offset, length in engine.paddings[index] if engine.paddings else ():
+        partition.data.narrow(0, offset, length).zero_()
+        if partition.grad is not None:
+            partition.grad.narrow(0, offset, length).zero_()
+    engine.pending[index] = held[id(partition)]
+    last = len(engine.partitions) - 1
+    if index < last:
+        return StepPlan([], engine.process_group)
+    pending = [engine.pending.pop(i) for i in sorted(engine.pending)]
+    if len(pending) != len(engine.partitions):
+        raise ShardingError(
+            f"SNGM under {engine.name} received {len(pending)} of {len(engine.partitions)} "
+            "flat partitions' gradients in one step"
         )
 
     def write_back() -> None:
-        # ZeRO copied these groups' weights to their 16-bit partitions before the update.
-        for i in range(len(zero.bit16_groups) - 1):
-            rank = dist.get_rank(group=zero.real_dp_process_group[i])
-            fp32 = zero.single_partition_of_fp32_groups[i]
-            zero.parallel_partitioned_bit16_groups[i][rank].data.copy_(fp32.data)
+        # ZeRO copied the earlier partitions' weights out before they were updated.
+        for i in range(last):
+            engine.write_back(i)
 
     return StepPlan(pending, engine.process_group, write_back)

@@ -98,13 +98,18 @@ def test_deepspeed_zero2_bf16_divides_by_deepspeeds_global_norm(deepspeed_result
         torch.testing.assert_close(value, want, rtol=0, atol=1e-2)
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_deepspeed_zero3_is_refused_before_the_first_update(
-    deepspeed_results: Path, groups: int
+@pytest.mark.parametrize(
+    ("name", "groups", "partitions"),
+    [("zero3_groups1", 1, 1), ("zero3_groups2", 2, 2), ("zero3_groups2_subgroups8", 2, 4)],
+)
+def test_deepspeed_zero3_sub_groups_step_like_one_process(
+    deepspeed_results: Path, name: str, groups: int, partitions: int
 ) -> None:
-    result = torch.load(deepspeed_results / f"zero3_groups{groups}.pt", weights_only=False)
+    result = torch.load(deepspeed_results / f"{name}.pt", weights_only=False)
     assert result["wrapper"] == "DeepSpeedZeroOptimizer_Stage3"
-    assert "ZeRO-3 is not supported" in result["error"]
+    assert result["partitions"] == partitions  # the sub-groups ZeRO-3 steps one by one
+    assert "error" not in result, result.get("error")
+    assert_one_process_step(result, groups)
 
 
 @pytest.mark.parametrize("use_orig_params", [True, False])

@@ -56,7 +56,9 @@ def save(out: Path, name: str, result: dict[str, Any]) -> None:
         torch.save(result, out / f"{name}.pt")
 
 
-def deepspeed_run(out: Path, stage: int, groups: int, bf16: bool = False) -> None:
+def deepspeed_run(
+    out: Path, stage: int, groups: int, bf16: bool = False, sub_group_size: int = 10**9
+) -> None:
     import deepspeed
 
     model = full_model()
@@ -64,7 +66,7 @@ def deepspeed_run(out: Path, stage: int, groups: int, bf16: bool = False) -> Non
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, "sub_group_size": sub_group_size},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "bf16": {"enabled": bf16},
@@ -73,7 +75,11 @@ def deepspeed_run(out: Path, stage: int, groups: int, bf16: bool = False) -> Non
         model=model, optimizer=optimizer, config=config
     )
     name = f"zero{stage}_groups{groups}" + ("_bf16" if bf16 else "")
+    if sub_group_size < 10**9:
+        name += f"_subgroups{sub_group_size}"
     result: dict[str, Any] = {"wrapper": type(ds_optimizer).__name__}
+    if stage == 3:
+        result["partitions"] = len(ds_optimizer.fp32_partitioned_groups_flat)
     try:
         for step in range(STEPS):
             x, y = half_batch(step, dist.get_rank())
@@ -87,8 +93,9 @@ def deepspeed_run(out: Path, stage: int, groups: int, bf16: bool = False) -> Non
         save(out, name, result)
         engine.destroy()
         return
-    result["dtype"] = str(next(model.parameters()).dtype)
-    result["params"] = [p.detach().float() for p in model.parameters()]
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
+        result["dtype"] = str(next(model.parameters()).dtype)
+        result["params"] = [p.detach().float().clone() for p in model.parameters()]
     result["norm"] = optimizer.last_grad_norm
     result["deepspeed_norm"] = engine.get_global_grad_norm()
     save(out, name, result)
@@ -149,6 +156,7 @@ def main() -> None:
         for stage in (0, 1, 2, 3):
             for groups in (1, 2):
                 deepspeed_run(out, stage, groups)
+        deepspeed_run(out, 3, 2, sub_group_size=8)
         deepspeed_run(out, 2, 2, bf16=True)
     else:
         for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"):
