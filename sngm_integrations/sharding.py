@@ -12,6 +12,11 @@ holds and from who calls its `step()`:
   gradient is kept until then (one fp32 gradient partition per group at once, where ZeRO
   alone holds one group's), all groups are updated with the one norm, and the earlier
   groups' weights are copied to their 16-bit partitions, as ZeRO does after each call.
+  Configurations that ZeRO steps this way but writes out between calls (optimizer
+  offload with several groups) are refused.
+* DeepSpeed ZeRO-3 (`DeepSpeedZeroOptimizer_Stage3`): the same, one call per sub-group
+  (`sub_group_size`); the padding of its fp32 partitions is not initialised, so SNGM
+  zeroes it (it maps to no parameter) before it enters the norm.
 * DeepSpeed ZeRO-0 (the `DeepSpeedEngine` calls `step()`): gradients are averaged and
   replicated; nothing is summed.
 * FSDP1 (`FlatParameter`s, or with `use_orig_params=True` the original parameters as views
@@ -98,10 +103,19 @@ def _deepspeed_engine(caller: Any) -> _Engine:
     kind = type(caller).__name__
     if kind == "DeepSpeedEngine":
         return _Engine("DeepSpeed ZeRO-0", None)
-    if kind == "DeepSpeedZeroOptimizer":
-        return _zero12_engine(caller)
-    if kind == "DeepSpeedZeroOptimizer_Stage3":
-        return _zero3_engine(caller)
+    build = {
+        "DeepSpeedZeroOptimizer": _zero12_engine,
+        "DeepSpeedZeroOptimizer_Stage3": _zero3_engine,
+    }
+    if kind in build:
+        try:
+            return build[kind](caller)
+        except AttributeError as error:  # ZeRO's internals, as of DeepSpeed 0.19.8
+            version = getattr(sys.modules.get("deepspeed"), "__version__", "?")
+            raise ShardingError(
+                f"SNGM does not know the internals of {kind} in DeepSpeed {version} "
+                f"({error}); it is tested with DeepSpeed 0.19.8"
+            ) from error
     raise ShardingError(
         f"SNGM does not know DeepSpeed's {kind} (it calls SNGM.step()), so it cannot tell "
         "whether the optimizer's tensors are sharded; supported: ZeRO stages 0-3, and "

@@ -148,10 +148,11 @@ class SNGM(Optimizer):
             any eager step, torch's kernel is used. Under `torch.compile`, which can
             trace neither kernel, the fused path runs as the foreach implementation and
             the compiler fuses it.
-        process_group: For flat-sharded optimizers (FSDP1 with `use_orig_params`,
-            DeepSpeed ZeRO-1/2), the group over which each rank's shards are summed to give
-            the global norm. Leave `None` for one process, DDP and DTensor (FSDP2)
-            parameters, which are handled without it.
+        process_group: The group over which each rank's flat shards are summed to give
+            the global norm, for flat shards no engine SNGM knows produced, and for FSDP1's
+            hybrid sharding (its shard group). Leave `None` otherwise: SNGM recognises FSDP1,
+            DeepSpeed ZeRO 0-3 and DTensor (FSDP2) parameters by itself (see
+            docs/sharded-engines.md), and DDP needs none.
 
     Warning:
         The fused implementation on torch's kernel (the default on CPU, and on CUDA where
