@@ -46,7 +46,7 @@ from torch.optim import Optimizer
 if TYPE_CHECKING:
     from .sngm import SNGMParamGroup
 
-__all__ = ["ShardingError", "StepPlan", "plan_step"]
+__all__ = ["ShardingError", "StepPlan", "norm_group", "plan_step"]
 
 _CALLER_FRAMES = 8
 
@@ -246,6 +246,19 @@ def _detect(optimizer: Optimizer, explicit: dist.ProcessGroup | None) -> _Engine
             stacklevel=4,
         )
     return engine
+
+
+def norm_group(optimizer: Optimizer) -> dist.ProcessGroup | None:
+    """The group over which `optimizer`'s per-rank squared norms are summed, or None.
+
+    The engine's group where SNGM recognised one on its first step, else the optimizer's
+    `process_group` (if it has one): for tools that measure norms of the tensors the
+    optimizer holds (its momentum buffers, its updates) the way SNGM measures the gradient.
+    """
+    engine = _ENGINES.get(optimizer)
+    if engine is not None:
+        return engine.process_group
+    return getattr(optimizer, "process_group", None)
 
 
 def _zero_contribution(group: dist.ProcessGroup) -> Tensor:

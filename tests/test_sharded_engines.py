@@ -21,14 +21,14 @@ import engine_worker as worker  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def run_workers(out: Path, engine: str) -> Path:
+def run_workers(out: Path, engine: str, ranks: int = 2) -> Path:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "CUDA_VISIBLE_DEVICES": "",
         "DS_ACCELERATOR": "cpu",
     }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
     cmd += ["--standalone", str(WORKER), str(out), engine]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -45,6 +45,11 @@ def deepspeed_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fsdp1_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_workers(tmp_path_factory.mktemp("fsdp1"), "fsdp1")
+
+
+@pytest.fixture(scope="module")
+def fsdp1_hybrid_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_workers(tmp_path_factory.mktemp("fsdp1_hybrid"), "fsdp1-hybrid", ranks=4)
 
 
 def one_process(
@@ -200,3 +205,28 @@ def test_hf_trainer_under_deepspeed_zero2_steps_like_one_process(
     trainer.train()
     expected = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     torch.testing.assert_close(hf_zero2_result["params"], expected, rtol=0, atol=1e-5)
+
+
+def test_fsdp1_no_shard_ignores_a_given_process_group_with_a_warning(fsdp1_results: Path) -> None:
+    result = torch.load(
+        fsdp1_results / "fsdp1_NO_SHARD_orig1_groups2_world_group.pt", weights_only=False
+    )
+    assert result["strategy"] == "NO_SHARD"
+    assert any("ignores process_group under FSDP1 NO_SHARD" in w for w in result["warnings"])
+    assert_one_process_step(result, 2)  # the norm is not inflated by sqrt(2)
+
+
+def test_fsdp1_hybrid_shard_needs_its_shard_group(fsdp1_hybrid_results: Path) -> None:
+    refused = torch.load(
+        fsdp1_hybrid_results / "fsdp1_HYBRID_SHARD_orig1_groups2.pt", weights_only=False
+    )
+    assert refused["strategy"] == "HYBRID_SHARD"
+    assert "HYBRID_SHARD" in refused["error"] and "process_group" in refused["error"]
+    result = torch.load(
+        fsdp1_hybrid_results / "fsdp1_HYBRID_SHARD_orig1_groups2_shard_group.pt",
+        weights_only=False,
+    )
+    assert result["strategy"] == "HYBRID_SHARD"
+    full_numel = sum(p.numel() for p in worker.full_model().parameters())
+    assert result["local_numel"] < full_numel
+    assert_one_process_step(result, 2)

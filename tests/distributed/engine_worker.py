@@ -6,13 +6,14 @@ half of each batch on each rank. Rank 0 saves the full weights, SNGM's last norm
 really ran (the wrapper's type, the sharding) to OUT/<name>.pt, or the error SNGM raised;
 tests/test_sharded_engines.py compares them with one process on the whole batch.
 Usage: python -m torch.distributed.run --nproc_per_node 2 engine_worker.py OUT ENGINE
-ENGINE is "deepspeed" or "fsdp1".
+ENGINE is "deepspeed", "fsdp1" or "fsdp1-hybrid" (the last on 4 ranks).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from sharded_sngm_worker import STEPS, batch, full_model  # noqa: E402
 
-from sngm_integrations import SNGM  # noqa: E402
+from sngm_integrations import SNGM, ShardingError  # noqa: E402
 
 WEIGHT_DECAY = 0.01
 
@@ -46,8 +47,10 @@ def make_sngm(groups: list[dict[str, Any]]) -> SNGM:
 
 
 def half_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's equal part of the step's batch (a half on 2 ranks)."""
     x, y = batch(step)
-    rows = slice(rank * 4, (rank + 1) * 4)
+    size = len(x) // dist.get_world_size()
+    rows = slice(rank * size, (rank + 1) * size)
     return x[rows], y[rows]
 
 
@@ -103,8 +106,14 @@ def deepspeed_run(
 
 
 def fsdp1_run(
-    out: Path, strategy: str, use_orig_params: bool, groups: int, frozen: bool = False
+    out: Path,
+    strategy: str,
+    use_orig_params: bool,
+    groups: int,
+    frozen: bool = False,
+    process_group: str | None = None,
 ) -> None:
+    """`process_group`: None, "world", or "shard" (HYBRID_SHARD's shard group)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp._flat_param import FlatParameter
@@ -118,26 +127,43 @@ def fsdp1_run(
         use_orig_params=use_orig_params,
         device_id=torch.device("cpu"),
     )
+    if strategy == "HYBRID_SHARD":  # 2 replicas of 2 shards on 4 ranks
+        from torch.distributed.device_mesh import init_device_mesh
+
+        kwargs["device_mesh"] = init_device_mesh("cpu", (2, 2))
     if frozen and not use_orig_params:  # one flat parameter may not mix frozen and trained
         for i in (0, 2, 4):
             model[i] = FSDP(model[i], **kwargs)
     wrapped = FSDP(model, **kwargs)
-    optimizer = make_sngm(param_groups(wrapped, groups))
+    group = {None: None, "world": dist.group.WORLD, "shard": wrapped.process_group}
+    optimizer = SNGM(
+        param_groups(wrapped, groups), lr=0.1, momentum=0.9, process_group=group[process_group]
+    )
     held = [p for g in optimizer.param_groups for p in g["params"]]
     name = f"fsdp1_{strategy}_orig{int(use_orig_params)}_groups{groups}" + (
         "_frozen" if frozen else ""
     )
+    if process_group is not None:
+        name += f"_{process_group}_group"
     result: dict[str, Any] = {
         "wrapper": type(wrapped).__name__,
         "strategy": wrapped.sharding_strategy.name,
         "flat_parameters": sum(isinstance(p, FlatParameter) for p in held),
         "local_numel": sum(p.numel() for p in held),
     }
-    for step in range(STEPS):
-        x, y = half_batch(step, dist.get_rank())
-        optimizer.zero_grad()
-        torch.nn.functional.mse_loss(wrapped(x), y).backward()
-        optimizer.step()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(STEPS):
+                x, y = half_batch(step, dist.get_rank())
+                optimizer.zero_grad()
+                torch.nn.functional.mse_loss(wrapped(x), y).backward()
+                optimizer.step()
+    except ShardingError as error:
+        result["error"] = str(error)
+        save(out, name, result)
+        return
+    result["warnings"] = [str(w.message) for w in caught if "SNGM" in str(w.message)]
     with FSDP.summon_full_params(wrapped):
         result["params"] = [p.detach().clone() for p in wrapped.parameters()]
     result["norm"] = optimizer.last_grad_norm
@@ -158,7 +184,11 @@ def main() -> None:
                 deepspeed_run(out, stage, groups)
         deepspeed_run(out, 3, 2, sub_group_size=8)
         deepspeed_run(out, 2, 2, bf16=True)
+    elif engine == "fsdp1-hybrid":
+        fsdp1_run(out, "HYBRID_SHARD", True, 2)
+        fsdp1_run(out, "HYBRID_SHARD", True, 2, process_group="shard")
     else:
+        fsdp1_run(out, "NO_SHARD", True, 2, process_group="world")
         for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"):
             for use_orig_params in (True, False):
                 fsdp1_run(out, strategy, use_orig_params, 2 if use_orig_params else 1)
