@@ -18,6 +18,7 @@ from sngm_integrations.distributed import (
     global_squared_norm,
     per_tensor_squared_norms,
 )
+from sngm_integrations.sharding import norm_group
 
 __all__ = ["SNGMMonitor"]
 
@@ -131,8 +132,7 @@ class SNGMMonitor(Callback):
         if record.before:
             updates = [p.detach() - b for p, b in zip(record.params, record.before, strict=True)]
             dtype = accumulation_dtype(updates)
-            process_group = getattr(optimizer, "process_group", None)
-            record.update_norm = global_squared_norm(updates, dtype, process_group).sqrt()
+            record.update_norm = global_squared_norm(updates, dtype, norm_group(optimizer)).sqrt()
             if self.per_layer:
                 record.layer_update_norms = [
                     n.sqrt() for n in per_tensor_squared_norms(updates, dtype)
