@@ -141,6 +141,8 @@ def test_fsdp1_with_frozen_layers_steps_like_one_process(
     name = f"fsdp1_FULL_SHARD_orig{int(use_orig_params)}_groups1_frozen.pt"
     result = torch.load(fsdp1_results / name, weights_only=False)
     assert result["wrapper"] == "FullyShardedDataParallel"
+    if use_orig_params:  # rank 0's half of the one flat parameter is all frozen
+        assert result["tensors_with_grad"] == 0
     assert_one_process_step(result, 1, frozen=True)
 
 

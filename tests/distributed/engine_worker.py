@@ -164,6 +164,7 @@ def fsdp1_run(
         save(out, name, result)
         return
     result["warnings"] = [str(w.message) for w in caught if "SNGM" in str(w.message)]
+    result["tensors_with_grad"] = sum(p.grad is not None for p in held)
     with FSDP.summon_full_params(wrapped):
         result["params"] = [p.detach().clone() for p in wrapped.parameters()]
     result["norm"] = optimizer.last_grad_norm
