@@ -116,10 +116,18 @@ def _deepspeed_engine(caller: Any) -> _Engine:
                 f"SNGM does not know the internals of {kind} in DeepSpeed {version} "
                 f"({error}); it is tested with DeepSpeed 0.19.8"
             ) from error
+    if kind in ("FP16_Optimizer", "FP16_UnfusedOptimizer"):  # stage 0, fp16: whole copies
+        return _Engine("DeepSpeed ZeRO-0 fp16", None)
+    if kind == "BF16_Optimizer":  # stage 0, bf16: one step over fp32 partitions
+        if len({id(g) for g in caller.real_dp_process_group}) != 1:
+            raise ShardingError(
+                "SNGM under DeepSpeed's BF16_Optimizer needs one data-parallel group for "
+                "all param groups (expert parallelism gives each its own)"
+            )
+        return _Engine("DeepSpeed ZeRO-0 bf16", caller.dp_process_group)
     raise ShardingError(
         f"SNGM does not know DeepSpeed's {kind} (it calls SNGM.step()), so it cannot tell "
-        "whether the optimizer's tensors are sharded; supported: ZeRO stages 0-3, and "
-        "stage 0 without an fp16/bf16 section"
+        "whether the optimizer's tensors are sharded; supported: ZeRO stages 0-3"
     )
 
 
@@ -292,7 +300,8 @@ def plan_step(
         if not groups and explicit is not None:
             last_step["grad_norm"] = _zero_contribution(explicit)
         return StepPlan(groups, explicit)
-    if engine.name != "DeepSpeed ZeRO-0" and optimizer.param_groups[0]["normalize"] == "layer":
+    flat = engine.name not in ("DeepSpeed ZeRO-0", "DeepSpeed ZeRO-0 fp16")
+    if flat and optimizer.param_groups[0]["normalize"] == "layer":
         raise ShardingError(
             f"normalize='layer' cannot be used under {engine.name}: the optimizer holds flat "
             "partitions, whose norms are not the tensors' norms"

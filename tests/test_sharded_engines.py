@@ -91,12 +91,18 @@ def test_deepspeed_zero_steps_like_one_process(
     assert_one_process_step(result, groups)
 
 
-def test_deepspeed_zero2_bf16_divides_by_deepspeeds_global_norm(deepspeed_results: Path) -> None:
-    result = torch.load(deepspeed_results / "zero2_groups2_bf16.pt", weights_only=False)
-    assert result["wrapper"] == "DeepSpeedZeroOptimizer"
+@pytest.mark.parametrize(
+    ("stage", "wrapper"), [(0, "FP16_UnfusedOptimizer"), (2, "DeepSpeedZeroOptimizer")]
+)
+def test_deepspeed_bf16_divides_by_deepspeeds_global_norm(
+    deepspeed_results: Path, stage: int, wrapper: str
+) -> None:
+    result = torch.load(deepspeed_results / f"zero{stage}_groups2_bf16.pt", weights_only=False)
+    assert result["wrapper"] == wrapper
     assert result["dtype"] == "torch.bfloat16"
     # Weight decay 0: SNGM's norm is DeepSpeed's own, of the fp32 gradient partitions.
-    torch.testing.assert_close(result["norm"], result["deepspeed_norm"].float(), rtol=1e-5, atol=0)
+    deepspeed_norm = torch.as_tensor(result["deepspeed_norm"], dtype=torch.float32)
+    torch.testing.assert_close(result["norm"], deepspeed_norm, rtol=1e-5, atol=0)
     # The steps are one process's, up to bfloat16's rounding of the forward pass.
     expected, _ = one_process(2, weight_decay=0.0)
     for value, want in zip(result["params"], expected, strict=True):

@@ -185,6 +185,7 @@ def main() -> None:
                 deepspeed_run(out, stage, groups)
         deepspeed_run(out, 3, 2, sub_group_size=8)
         deepspeed_run(out, 2, 2, bf16=True)
+        deepspeed_run(out, 0, 2, bf16=True)
     elif engine == "fsdp1-hybrid":
         fsdp1_run(out, "HYBRID_SHARD", True, 2)
         fsdp1_run(out, "HYBRID_SHARD", True, 2, process_group="shard")
