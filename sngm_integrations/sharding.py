@@ -184,19 +184,18 @@ def _flat_parameters(params: Sequence[Tensor]) -> list[Any]:
     """FSDP1's flat parameters behind `params` (themselves, or those they are views of)."""
     from torch.distributed.fsdp._flat_param import FlatParameter
 
-    flat = [p for p in params if isinstance(p, FlatParameter)]
+    flat: list[Any] = [p for p in params if isinstance(p, FlatParameter)]
     if len(flat) == len(params):
         return flat
     # use_orig_params=True: the optimizer holds views of flat parameters, which do not
-    # point back to them; they are found once, on the first step.
+    # point back to them; they are found once, on the first step, among the live objects
+    # (by the flag FlatParameter's own isinstance check reads, after a C-level check).
     wanted = {id(p) for p in params if not isinstance(p, FlatParameter)}
     for obj in gc.get_objects():
-        if (
-            isinstance(obj, FlatParameter)
-            and obj._params is not None
-            and any(id(p) in wanted for p in obj._params)
-        ):
-            flat.append(obj)
+        if isinstance(obj, Tensor) and getattr(obj, "_is_flat_param", False):
+            originals = getattr(obj, "_params", None) or ()
+            if any(id(p) in wanted for p in originals):
+                flat.append(obj)
     return flat
 
 
