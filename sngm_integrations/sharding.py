@@ -43,8 +43,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sngm_integrations.distributed import accumulation_dtype, local_tensor
+
 if TYPE_CHECKING:
-    from .sngm import SNGMParamGroup
+    from sngm_integrations.sngm import SNGMParamGroup
 
 __all__ = ["ShardingError", "StepPlan", "norm_group", "plan_step"]
 
@@ -268,9 +270,12 @@ def norm_group(optimizer: Optimizer) -> dist.ProcessGroup | None:
     return getattr(optimizer, "process_group", None)
 
 
-def _zero_contribution(group: dist.ProcessGroup) -> Tensor:
-    """A rank without gradients joins the norm's all-reduce with zero."""
-    total = torch.zeros((), dtype=torch.float32)
+def _zero_contribution(optimizer: Optimizer, group: dist.ProcessGroup) -> Tensor:
+    """A rank without gradients joins the norm's all-reduce with zero, in the dtype and on
+    the device the other ranks reduce in (their parameters')."""
+    params = [local_tensor(p) for g in optimizer.param_groups for p in g["params"]]
+    device = params[0].device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=accumulation_dtype(params), device=device)
     dist.all_reduce(total, group=group)
     return total.sqrt()
 
@@ -297,7 +302,7 @@ def plan_step(
     engine = _ENGINES[optimizer]
     if engine is None:
         if not groups and explicit is not None:
-            last_step["grad_norm"] = _zero_contribution(explicit)
+            last_step["grad_norm"] = _zero_contribution(optimizer, explicit)
         return StepPlan(groups, explicit)
     flat = engine.name not in ("DeepSpeed ZeRO-0", "DeepSpeed ZeRO-0 fp16")
     if flat and optimizer.param_groups[0]["normalize"] == "layer":
@@ -308,7 +313,7 @@ def plan_step(
     if engine.partitions:
         return _per_partition_plan(engine, groups)
     if not groups and engine.process_group is not None:
-        last_step["grad_norm"] = _zero_contribution(engine.process_group)
+        last_step["grad_norm"] = _zero_contribution(optimizer, engine.process_group)
     return StepPlan(groups, engine.process_group)
 
 
