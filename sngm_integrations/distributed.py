@@ -7,9 +7,9 @@ part of the parameters, a norm over the local tensors is wrong unless it is redu
 * DTensor parameters (FSDP2 ``fully_shard``, tensor parallel): the squared norms of the
   local shards are summed over the mesh dimensions on which the tensor is sharded.
   Replicated dimensions are not summed (that would count a shard twice).
-* Flat shards (FSDP1 with ``use_orig_params``, DeepSpeed ZeRO-1/2): the optimizer's
-  plain tensors are disjoint pieces of the model; with ``process_group`` given, their
-  squared norms are summed over that group.
+* Flat shards (FSDP1, DeepSpeed ZeRO-1/2/3): the optimizer's plain tensors are disjoint
+  pieces of the model; their squared norms are summed over ``process_group``, which
+  `sngm_integrations.sharding` finds for the engines it recognises.
 
 Every function here issues at most one all-reduce per kind of sharding per call, never
 one per tensor, and none of them synchronises the host with the device.

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from sngm_integrations import sharding
 from sngm_integrations.distributed import (
     any_dtensor,
     global_squared_norm,
@@ -160,11 +161,12 @@ class SNGM(Optimizer):
             before any eager step, torch's kernel is used. Under `torch.compile`, which
             can trace neither kernel, the fused path runs as the foreach implementation
             and the compiler fuses it. Kept by copies and pickles of the optimizer.
-        process_group: For flat-sharded optimizers (FSDP1 with `use_orig_params`,
-            DeepSpeed ZeRO-1/2), the group over which each rank's shards are summed to give
-            the global norm. Leave `None` for one process, DDP and DTensor (FSDP2)
-            parameters, which are handled without it. Kept by `copy.deepcopy`; a pickled
-            optimizer has none.
+        process_group: The group over which each rank's flat shards are summed to give
+            the global norm, for flat shards no engine SNGM knows produced, and for FSDP1's
+            hybrid sharding (its shard group). Leave `None` otherwise: SNGM recognises FSDP1,
+            DeepSpeed ZeRO 0-3 and DTensor (FSDP2) parameters by itself (see
+            docs/sharded-engines.md), and DDP needs none. Kept by `copy.deepcopy`; a
+            pickled optimizer has none.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -392,6 +394,9 @@ class SNGM(Optimizer):
                         skip_counters=skip_counters,
                     )
                 )
+        # Engines that shard the optimizer's tensors: reduction group, deferred groups.
+        plan = sharding.plan_step(self, groups, self.process_group, self._last_step)
+        groups = plan.groups
         if not groups:
             return loss
         foreach, fused = _implementation_flags(self.param_groups)
@@ -406,13 +411,14 @@ class SNGM(Optimizer):
             groups,
             normalize=first["normalize"],
             eps=first["eps"],
-            process_group=self.process_group,
+            process_group=plan.process_group,
             foreach=foreach,
             fused=fused,
             fused_backend=self.fused_backend,
             triton_plans=self._triton_plans,
         )
         self._last_step["grad_norm"] = stats.grad_norm
+        plan.finish()
         return loss
 
 
