@@ -55,7 +55,7 @@ class SNGMHyperparameters:
     Attributes:
         lr: Learning rate (required; ``learning_rate``, the name Lightning's examples use,
             is accepted instead). With ``lr_scaling``, the rate at ``reference_batch_size``.
-        momentum: SNGM's momentum :math:`\\beta`.
+        momentum: SNGM's momentum `beta`.
         weight_decay: L2 penalty, folded into the gradient before the norm.
         nesterov: Nesterov momentum.
         normalize: ``"global"`` (the paper's one norm) or ``"layer"``.
@@ -145,7 +145,7 @@ class SNGMMixin(_MixinBase):
     `SNGMHyperparameters`, read from ``self.hparams``:
 
         class Net(SNGMMixin, L.LightningModule):
-            def __init__(self, lr=0.5, momentum=0.9, weight_decay=5e-4, warmup_steps=100,
+            def __init__(self, lr=0.5, momentum=0.9, weight_decay=5e-4, warmup_fraction=0.1,
                          schedule="cosine"):
                 super().__init__()
                 self.save_hyperparameters()
