@@ -100,6 +100,10 @@ class WarmupDecayLR(LRScheduler):
     decays with the other groups. An lr that something else writes into a group between
     two steps is taken up the same way, and scheduled on from the value written.
 
+    Under LightningCLI, ``--lr_scheduler WarmupDecayLR`` is stepped once per epoch, so its
+    steps are epochs there; ``lightning_callbacks.StepScheduleCLI`` steps it per optimizer
+    step.
+
     `load_state_dict` refuses the state of a different schedule (another ``total_steps``,
     warmup or decay, or other base learning rates) with a ValueError: continuing it would
     run the saved schedule while the new run was configured for another.
