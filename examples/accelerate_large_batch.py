@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     effective_batch = args.per_device_batch * accelerator.num_processes * args.grad_accum
     accelerator.print(
+        f"world size {accelerator.num_processes} | "
         f"effective batch {effective_batch} = {args.per_device_batch} per device x "
         f"{accelerator.num_processes} processes x {args.grad_accum} accumulation | "
         f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), {warmup_steps} warmup | "
