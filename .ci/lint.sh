@@ -19,7 +19,7 @@ run "ruff check" "$VENV/bin/ruff" check --output-format concise .
 run "ruff format" "$VENV/bin/ruff" format --check .
 run "mypy (core, strict)" "$VENV/bin/mypy" --strict sngm_integrations
 run "mypy (adapters)" "$VENV/bin/mypy" --follow-imports=silent --disallow-untyped-defs \
-    --disallow-incomplete-defs --warn-unused-ignores hf_trainer lightning_callbacks
+    --disallow-incomplete-defs --warn-unused-ignores hf_trainer hf_trainer_optim timm_optim lightning_callbacks
 
 if ((${#failed[@]})); then
     printf 'lint failed: %s\n' "${failed[@]}"

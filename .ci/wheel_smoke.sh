@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PY:-$ROOT/.venv/bin/python}
-PACKAGES="sngm_integrations hf_trainer lightning_callbacks"
+PACKAGES="sngm_integrations hf_trainer hf_trainer_optim timm_optim lightning_callbacks"
 EXTRAS="hf,lightning,study"
 
 WORK=$(mktemp -d)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import (
     DistributedType,
@@ -154,33 +153,6 @@ def image_dataset(images: Tensor, labels: Tensor, limit: int) -> TensorDataset |
     return dataset
 
 
-def sharded_norm_group(accelerator: Accelerator) -> dist.ProcessGroup | None:
-    """The process group SNGM must sum its gradient norm over, or None.
-
-    DeepSpeed ZeRO and FSDP1 hand the optimizer this rank's slice of a flat buffer: the
-    squared norms of the slices add up to the model's over the data-parallel group. DDP
-    keeps whole tensors, and FSDP2's DTensor parameters carry their own sharding, which
-    SNGM reads itself, so those need nothing.
-    """
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        zero_stage = accelerator.state.deepspeed_plugin.zero_stage
-        return dist.group.WORLD if zero_stage >= 1 else None
-    if accelerator.distributed_type == DistributedType.FSDP:
-        plugin = accelerator.state.fsdp_plugin
-        if plugin.fsdp_version >= 2:
-            return None
-        strategy = str(plugin.sharding_strategy)
-        if "NO_SHARD" in strategy:
-            return None
-        if "HYBRID" in strategy:
-            raise ValueError(
-                f"sharding_strategy={strategy}: SNGM's norm needs the intra-node shard group, "
-                "which this example does not build; use FULL_SHARD, SHARD_GRAD_OP or FSDP2"
-            )
-        return dist.group.WORLD
-    return None
-
-
 @dataclass
 class Progress:
     """Optimizer steps taken so far; saved with every checkpoint."""
@@ -237,7 +209,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
-        process_group=sharded_norm_group(accelerator),
     )
     # Sized before prepare (DeepSpeed needs everything in one prepare call): each process
     # gets every num_processes-th micro-batch, and an epoch's last optimizer step takes
@@ -267,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ):
         meter = GradientNoiseScaleMeter(model.parameters())
     accelerator.print(
+        f"world size {accelerator.num_processes} | "
         f"effective batch {effective_batch} = {args.per_device_batch} per device x "
         f"{accelerator.num_processes} processes x {args.grad_accum} accumulation | "
         f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), {warmup_steps} warmup | "

@@ -2,9 +2,9 @@
 
 Trains a ResNet-20 (``sngm_integrations.vision.resnet20``) with SNGM and with
 ``torch.optim.SGD`` (MSGD) for the same number of epochs at the same large batch, then
-prints the test accuracy of both. Both runs use the same module (:class:`SNGMMixin`
+prints the test accuracy of both. Both runs use the same module (`SNGMMixin`
 supplies warmup, cosine decay and weight-decay groups; MSGD only swaps the optimizer),
-Lightning's progress bar, a CSV log under ``--log-dir`` and :class:`SNGMMonitor`. Before
+Lightning's progress bar, a CSV log under ``--log-dir`` and `SNGMMonitor`. Before
 testing, BatchNorm statistics are recomputed on the training images
 (``torch.optim.swa_utils.update_bn``): after a few dozen steps the running averages still
 lag behind the weights, for both optimizers alike.

@@ -11,17 +11,14 @@ Importing this package registers the name (see `register`):
     Trainer(model=model, args=args, train_dataset=train_dataset).train()
 
 Unmodified scripts that parse ``TrainingArguments`` run with the name registered through
-``python -m hf_trainer SCRIPT ARGS...`` (see `hf_trainer.__main__`).
+``python -m hf_trainer SCRIPT ARGS...`` (see `hf_trainer.__main__`). To use SNGM without
+registering anything, pass ``hf_trainer_optim.get_sngm_cls_and_kwargs(args)`` to
+``Trainer(optimizer_cls_and_kwargs=...)`` and do not import this package.
 """
 
 from hf_trainer.callback import SNGMMonitorCallback, add_sngm_monitor
-from hf_trainer.optim_args import ACCEPTED_OPTIM_ARGS, parse_sngm_optim_args
-from hf_trainer.registration import (
-    OPTIM_NAME,
-    get_sngm_cls_and_kwargs,
-    is_registered,
-    register,
-)
+from hf_trainer.registration import OPTIM_NAME, is_registered, register, sngm_optimizer_name
+from hf_trainer_optim import ACCEPTED_OPTIM_ARGS, get_sngm_cls_and_kwargs, parse_sngm_optim_args
 
 __all__ = [
     "ACCEPTED_OPTIM_ARGS",
@@ -32,6 +29,7 @@ __all__ = [
     "is_registered",
     "parse_sngm_optim_args",
     "register",
+    "sngm_optimizer_name",
 ]
 
 register()

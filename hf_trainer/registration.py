@@ -1,34 +1,39 @@
 """Registering ``optim="sngm"`` with the Hugging Face ``Trainer``.
 
-Two things in ``transformers`` decide which optimizers exist:
+Three things in ``transformers`` decide which optimizers exist and when they are checked:
 
 * ``transformers.training_args.OptimizerNames``, the Enum that ``TrainingArguments``
   converts ``optim`` to (an unknown name is a ``ValueError``) and that
   ``HfArgumentParser`` builds its ``--optim`` choices from;
+* ``TrainingArguments.__post_init__``, which checks the arguments when they are built;
 * ``Trainer.get_optimizer_cls_and_kwargs(args, model)``, a staticmethod that maps the
   name to a class and keyword arguments (a handler table in transformers 5.2+, an if/elif
   chain before).
 
-`register` adds the member ``OptimizerNames.SNGM = "sngm"`` and wraps the lookup:
-``"sngm"`` gives `sngm_integrations.SNGM`; every other name goes to the original,
-whichever of the two designs it uses.
+`register` adds the member ``OptimizerNames.SNGM = "sngm"``, makes ``__post_init__``
+check SNGM's ``optim_args`` and learning rate as soon as ``optim="sngm"`` arguments are
+built, and wraps the lookup: ``"sngm"`` gives `sngm_integrations.SNGM`; every other name
+goes to the original, whichever of the two designs it uses.
+
+The member pickles as a call to `sngm_optimizer_name`, so unpickling a
+``training_args.bin`` that holds ``optim="sngm"`` imports ``hf_trainer`` (registering
+the name) instead of failing with "sngm is not a valid OptimizerNames".
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-import warnings
+from enum import Enum
 from typing import Any
 
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from hf_trainer._enum import add_str_enum_member
-from hf_trainer.optim_args import parse_sngm_optim_args
-from sngm_integrations import SNGM
+from hf_trainer_optim import check_sngm_training_args, get_sngm_cls_and_kwargs
 
-__all__ = ["OPTIM_NAME", "get_sngm_cls_and_kwargs", "is_registered", "register"]
+__all__ = ["OPTIM_NAME", "is_registered", "register", "sngm_optimizer_name"]
 
 OPTIM_NAME = "sngm"
 """The value of ``TrainingArguments.optim`` that selects SNGM."""
@@ -38,32 +43,14 @@ _WRAPPED_MARKER = "__sngm_wraps__"
 _lock = threading.Lock()
 
 
-def get_sngm_cls_and_kwargs(args: TrainingArguments) -> tuple[type[SNGM], dict[str, Any]]:
-    """The optimizer class and keyword arguments for ``optim="sngm"``.
+def sngm_optimizer_name() -> Enum:
+    """``OptimizerNames.SNGM``, registered first if need be (what its pickle calls)."""
+    register()
+    return OptimizerNames(OPTIM_NAME)
 
-    ``lr`` comes from ``args.learning_rate`` and the rest from ``args.optim_args``; weight
-    decay is not a keyword here because ``Trainer.create_optimizer`` puts
-    ``args.weight_decay`` (or 0 for biases and norm layers) into each parameter group.
 
-    Args:
-        args: The Trainer's arguments.
-
-    Raises:
-        ValueError: ``args.optim_args`` holds an unknown key or a bad value.
-    """
-    kwargs: dict[str, Any] = {"lr": args.learning_rate}
-    kwargs.update(parse_sngm_optim_args(args.optim_args))
-    if args.max_grad_norm is not None and args.max_grad_norm > 0:
-        warnings.warn(
-            f"max_grad_norm={args.max_grad_norm} clips gradients that SNGM then divides by "
-            "their norm: the clipping changes no step (except for how gradients weigh "
-            "against weight_decay, which SNGM adds before normalizing) and costs an extra "
-            "pass over the gradients. Set max_grad_norm=0 (--max_grad_norm 0) with "
-            "optim='sngm'.",
-            UserWarning,
-            stacklevel=2,
-        )
-    return SNGM, kwargs
+def _reduce_sngm_member(protocol: int) -> tuple[Any, tuple[()]]:
+    return sngm_optimizer_name, ()
 
 
 def _wrap_optimizer_lookup(original: Any) -> Any:
@@ -77,6 +64,17 @@ def _wrap_optimizer_lookup(original: Any) -> Any:
 
     setattr(get_optimizer_cls_and_kwargs, _WRAPPED_MARKER, original)
     return get_optimizer_cls_and_kwargs
+
+
+def _wrap_post_init(original: Any) -> Any:
+    @functools.wraps(original)
+    def __post_init__(self: TrainingArguments) -> None:
+        original(self)
+        if self.optim == OPTIM_NAME:
+            check_sngm_training_args(self)
+
+    setattr(__post_init__, _WRAPPED_MARKER, original)
+    return __post_init__
 
 
 def is_registered() -> bool:
@@ -93,13 +91,18 @@ def register() -> None:
     wrapped once (the checks look at ``transformers`` itself, not at a flag here).
 
     Register before building ``TrainingArguments`` or an ``HfArgumentParser`` (whose
-    ``--optim`` choices are fixed when it is built), and before unpickling a
-    ``training_args.bin`` that holds ``optim="sngm"``.
+    ``--optim`` choices are fixed when it is built). A ``training_args.bin`` written with
+    the name registered registers it again when it is unpickled.
     """
     with _lock:
-        add_str_enum_member(OptimizerNames, _MEMBER_NAME, OPTIM_NAME)
+        member = add_str_enum_member(OptimizerNames, _MEMBER_NAME, OPTIM_NAME)
+        # pickle and copy look __reduce_ex__ up on the member itself first.
+        member.__reduce_ex__ = _reduce_sngm_member  # type: ignore[method-assign,assignment]
         current = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
         if not hasattr(current.__func__, _WRAPPED_MARKER):
             Trainer.get_optimizer_cls_and_kwargs = staticmethod(  # type: ignore[method-assign]
                 _wrap_optimizer_lookup(current.__func__)
             )
+        post_init = TrainingArguments.__dict__["__post_init__"]
+        if not hasattr(post_init, _WRAPPED_MARKER):
+            TrainingArguments.__post_init__ = _wrap_post_init(post_init)  # type: ignore[method-assign]

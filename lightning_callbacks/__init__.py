@@ -6,10 +6,14 @@
   learning rate and skipped steps at Lightning's logging frequency.
 * `weight_decay_param_groups`: parameter groups without weight decay on biases and
   normalization layers (also useful with Lightning Fabric).
+* `StepScheduleCLI`: a ``LightningCLI`` that steps ``--lr_scheduler WarmupDecayLR`` every
+  optimizer step (``LightningCLI`` steps it once per epoch).
 
-With LightningCLI no code is needed: ``--optimizer sngm_integrations.SNGM --optimizer.lr 0.5``.
+With LightningCLI no code is needed to pick the optimizer:
+``--optimizer sngm_integrations.SNGM --optimizer.lr 0.1``.
 """
 
+from lightning_callbacks.cli import StepScheduleCLI
 from lightning_callbacks.mixin import SNGMHyperparameters, SNGMMixin
 from lightning_callbacks.monitor import SNGMMonitor
 from lightning_callbacks.param_groups import is_normalization_layer, weight_decay_param_groups
@@ -18,6 +22,7 @@ __all__ = [
     "SNGMHyperparameters",
     "SNGMMixin",
     "SNGMMonitor",
+    "StepScheduleCLI",
     "is_normalization_layer",
     "weight_decay_param_groups",
 ]

@@ -3,19 +3,24 @@
 Everything is computed from ``self.hparams`` and the trainer each time
 ``configure_optimizers`` runs, and nothing is mutated: after a resume, Lightning calls it
 again, gets the same optimizer and schedule, then loads their saved state. A batch-size
-scaling rule is therefore applied exactly once, however often the run is resumed.
+scaling rule is therefore applied exactly once, however often the run is resumed. A
+resume whose settings give another lr or schedule length (a different effective batch
+size, ``max_epochs`` or ``lr``) stops with the ValueError of `WarmupDecayLR`'s
+``load_state_dict`` instead of continuing the saved schedule under the new settings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch.distributed as dist
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -25,10 +30,10 @@ from lightning_callbacks._clipping import warn_if_norm_clipping
 from lightning_callbacks.param_groups import weight_decay_param_groups
 from sngm_integrations import SNGM
 from sngm_integrations.schedules import (
+    WarmupDecayLR,
     check_scaling_rule,
     check_schedule,
     scale_lr,
-    warmup_decay_schedule,
 )
 
 __all__ = ["SNGMHyperparameters", "SNGMMixin"]
@@ -47,9 +52,9 @@ class SNGMHyperparameters:
     ``self.save_hyperparameters()``; names you leave out take the defaults below.
 
     Attributes:
-        lr: Learning rate (required). With ``lr_scaling``, the rate at
-            ``reference_batch_size``.
-        momentum: SNGM's momentum :math:`\\beta`.
+        lr: Learning rate (required; ``learning_rate``, the name Lightning's examples use,
+            is accepted instead). With ``lr_scaling``, the rate at ``reference_batch_size``.
+        momentum: SNGM's momentum `beta`.
         weight_decay: L2 penalty, folded into the gradient before the norm.
         nesterov: Nesterov momentum.
         normalize: ``"global"`` (the paper's one norm) or ``"layer"``.
@@ -106,14 +111,24 @@ class SNGMHyperparameters:
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> SNGMHyperparameters:
-        """Pick the known names out of a module's ``hparams``; other names are ignored."""
-        if "lr" not in hparams:
+        """Pick the known names out of a module's ``hparams``; other names are ignored.
+
+        ``learning_rate`` is read as ``lr`` when there is no ``lr``.
+        """
+        if "lr" in hparams and "learning_rate" in hparams:
             raise ValueError(
-                "SNGMMixin needs an `lr` hyperparameter: give your LightningModule's __init__ "
-                "an `lr` argument and call self.save_hyperparameters()"
+                f"Give lr or learning_rate, not both: got lr={hparams['lr']} and "
+                f"learning_rate={hparams['learning_rate']}"
+            )
+        if "lr" not in hparams and "learning_rate" not in hparams:
+            raise ValueError(
+                "SNGMMixin needs an `lr` (or `learning_rate`) hyperparameter: give your "
+                "LightningModule's __init__ an `lr` argument and call self.save_hyperparameters()"
             )
         names = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in hparams.items() if key in names})
+        values = {key: value for key, value in hparams.items() if key in names}
+        values.setdefault("lr", hparams.get("learning_rate"))
+        return cls(**values)
 
     def warmup_steps_for(self, total_steps: int) -> int:
         """Warmup length in optimizer steps for a run of ``total_steps`` steps."""
@@ -129,7 +144,7 @@ class SNGMMixin(_MixinBase):
     `SNGMHyperparameters`, read from ``self.hparams``:
 
         class Net(SNGMMixin, L.LightningModule):
-            def __init__(self, lr=0.5, momentum=0.9, weight_decay=5e-4, warmup_steps=100,
+            def __init__(self, lr=0.5, momentum=0.9, weight_decay=5e-4, warmup_fraction=0.1,
                          schedule="cosine"):
                 super().__init__()
                 self.save_hyperparameters()
@@ -139,11 +154,28 @@ class SNGMMixin(_MixinBase):
     `sngm_hyperparameters`, `sngm_param_groups`, `sngm_optimizer`,
     `sngm_process_group`, `sngm_per_device_batch_size`,
     `sngm_learning_rate` and `sngm_lr_scheduler`.
+
+    The hyperparameters are checked when ``self.save_hyperparameters()`` runs, so a bad
+    value fails when the module is built, before the Trainer or the data do any work.
     """
+
+    def save_hyperparameters(
+        self,
+        *args: Any,
+        ignore: Sequence[str] | str | None = None,
+        frame: types.FrameType | None = None,
+        logger: bool = True,
+    ) -> None:
+        """Lightning's ``save_hyperparameters``, then a check of `sngm_hyperparameters`."""
+        # Lightning reads the __init__ arguments from its caller's frame: pass it the caller's.
+        caller = frame or getattr(inspect.currentframe(), "f_back", None)
+        super().save_hyperparameters(*args, ignore=ignore, frame=caller, logger=logger)
+        self.sngm_hyperparameters()
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """SNGM over `sngm_param_groups`, with the step-interval schedule."""
         hparams = self.sngm_hyperparameters()
+        self._check_fixed_accumulation(hparams)
         lr = self.sngm_learning_rate(hparams)
         optimizer = self.sngm_optimizer(self.sngm_param_groups(hparams), lr, hparams)
         warn_if_norm_clipping(self.trainer, optimizer)
@@ -154,8 +186,28 @@ class SNGMMixin(_MixinBase):
         }
 
     def sngm_hyperparameters(self) -> SNGMHyperparameters:
-        """The optimizer's hyperparameters; by default read from ``self.hparams``."""
+        """The optimizer's hyperparameters; by default read from ``self.hparams``.
+
+        Also called by ``save_hyperparameters``: an override must work from there on.
+        """
         return SNGMHyperparameters.from_hparams(self.hparams)
+
+    def _check_fixed_accumulation(self, hparams: SNGMHyperparameters) -> None:
+        """Refuse a changing ``accumulate_grad_batches`` where the lr or schedule depend on it."""
+        sized_by_steps = hparams.schedule != "constant" or hparams.warmup_fraction
+        if not sized_by_steps and hparams.lr_scaling == "none":
+            return
+        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, GradientAccumulationScheduler):
+                raise ValueError(
+                    f"GradientAccumulationScheduler(scheduling={callback.scheduling}) changes "
+                    "the samples per optimizer step during the run, but SNGMMixin sizes "
+                    f"schedule={hparams.schedule!r} and warmup_fraction="
+                    f"{hparams.warmup_fraction} in optimizer steps and scales lr "
+                    f"(lr_scaling={hparams.lr_scaling!r}) for one accumulate_grad_batches. Use "
+                    "Trainer(accumulate_grad_batches=N), or schedule='constant', warmup_steps "
+                    "and lr_scaling='none'"
+                )
 
     def sngm_param_groups(self, hparams: SNGMHyperparameters) -> list[dict[str, Any]]:
         """Parameter groups: by default no weight decay on biases and normalization layers."""
@@ -180,28 +232,10 @@ class SNGMMixin(_MixinBase):
     def sngm_process_group(self) -> dist.ProcessGroup | None:
         """The group over which SNGM sums the squared norms of flat parameter shards.
 
-        Lightning's ``FSDPStrategy`` (FSDP1) and ``DeepSpeedStrategy`` give the optimizer
-        flat shards, so each rank's norm is one part of the model's: they are summed over
-        the world. DDP needs none (every rank holds the whole averaged gradient), nor does
-        ``ModelParallelStrategy``, whose DTensor parameters SNGM reduces by itself. Hybrid
-        sharding replicates shards across nodes; override this method to return its
-        intra-node group.
+        None: SNGM recognises FSDP1's and DeepSpeed's shards, and their group, by itself
+        (and DTensor parameters, replicated DDP gradients need none). Override it under
+        FSDP1's hybrid sharding to return the intra-node shard group, which SNGM cannot see.
         """
-        strategy = self.trainer.strategy
-        if self.trainer.world_size == 1:
-            return None
-        if isinstance(strategy, FSDPStrategy):
-            sharding = strategy.sharding_strategy.name
-            if sharding == "NO_SHARD":
-                return None
-            if sharding.startswith(("HYBRID", "_HYBRID")):
-                raise ValueError(
-                    f"FSDPStrategy(sharding_strategy={sharding!r}) shards within a node: "
-                    "override sngm_process_group() to return the intra-node process group"
-                )
-            return dist.group.WORLD
-        if isinstance(strategy, DeepSpeedStrategy):
-            return dist.group.WORLD
         return None
 
     def sngm_per_device_batch_size(self) -> int:
@@ -257,10 +291,20 @@ class SNGMMixin(_MixinBase):
             total_steps = max(1, hparams.warmup_steps)
         else:
             total_steps = max(1, int(estimated))
-        return warmup_decay_schedule(
+        warmup_steps = hparams.warmup_steps_for(total_steps)
+        decays = hparams.schedule != "constant"
+        if hparams.warmup_steps > total_steps or (decays and hparams.warmup_steps == total_steps):
+            rank_zero_warn(
+                f"SNGMMixin: warmup_steps={hparams.warmup_steps} is not shorter than the run's "
+                f"{total_steps} optimizer steps: the lr warms up for all {warmup_steps} of them "
+                "and the run ends at the peak lr"
+                + (f", with no {hparams.schedule} decay" if decays else "")
+                + ". Give fewer warmup_steps, or warmup_fraction (e.g. 0.1)"
+            )
+        return WarmupDecayLR(
             optimizer,
             total_steps,
-            hparams.warmup_steps_for(total_steps),
+            warmup_steps,
             hparams.schedule,
             power=hparams.power,
             final_fraction=hparams.final_lr_fraction,

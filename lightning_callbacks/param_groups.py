@@ -26,7 +26,8 @@ def weight_decay_param_groups(
 
     Biases and the parameters of normalization layers get no weight decay unless
     ``decay_bias_and_norm`` is true. Shared parameters are listed once; empty groups are
-    dropped.
+    dropped. The groups are named ``decay`` and ``no_decay`` (a ``name`` key, which
+    Lightning's ``LearningRateMonitor`` puts in its metric names, e.g. ``lr-SNGM/decay``).
 
     Args:
         module: The model whose ``requires_grad`` parameters are grouped.
@@ -34,7 +35,8 @@ def weight_decay_param_groups(
         decay_bias_and_norm: Put every parameter in the decayed group.
 
     Returns:
-        Parameter groups for a ``torch.optim.Optimizer``, each with its ``weight_decay``.
+        Parameter groups for a ``torch.optim.Optimizer``, each with its ``name`` and
+        ``weight_decay``.
     """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -48,7 +50,7 @@ def weight_decay_param_groups(
             exempt = in_norm_layer or name == "bias"
             (no_decay if exempt and not decay_bias_and_norm else decay).append(param)
     groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
     return [group for group in groups if group["params"]]

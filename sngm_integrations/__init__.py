@@ -6,6 +6,7 @@ The core depends on torch alone. Framework support lives in the sibling packages
 
 from sngm_integrations.reference import ReferenceSNGM
 from sngm_integrations.schedules import scale_lr, warmup_decay_schedule
+from sngm_integrations.sharding import ShardingError
 from sngm_integrations.sngm import SNGM, SNGMParamGroup, SNGMStepStats, sngm
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "ReferenceSNGM",
     "SNGMParamGroup",
     "SNGMStepStats",
+    "ShardingError",
     "__version__",
     "scale_lr",
     "sngm",

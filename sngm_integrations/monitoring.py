@@ -25,12 +25,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from sngm_integrations.distributed import (
-    accumulation_dtype,
-    global_squared_norm,
-    per_tensor_squared_norms,
-)
+from sngm_integrations.distributed import global_squared_norm, per_tensor_squared_norms
 from sngm_integrations.noise_scale import GradientNoiseScaleMeter
+from sngm_integrations.sharding import norm_group
 from sngm_integrations.sngm import SNGM
 
 __all__ = ["StepMeasurement", "innermost_optimizer", "noise_scale_metrics"]
@@ -81,11 +78,10 @@ class StepMeasurement:
         if not self.params:
             return
         grads = [p.grad for p in self.params if p.grad is not None]
-        dtype = accumulation_dtype(grads)
         if self.per_tensor:
-            self.tensor_grad_norms = [n.sqrt() for n in per_tensor_squared_norms(grads, dtype)]
+            self.tensor_grad_norms = [n.sqrt() for n in per_tensor_squared_norms(grads)]
         if not isinstance(optimizer, SNGM):
-            self.grad_norm = global_squared_norm(grads, dtype).sqrt()
+            self.grad_norm = global_squared_norm(grads).sqrt()
         if self.update_norm:
             self._before = [p.detach().clone() for p in self.params]
 
@@ -99,11 +95,9 @@ class StepMeasurement:
             return
         updates = [p.detach() - b for p, b in zip(self.params, self._before, strict=True)]
         self._before = []
-        dtype = accumulation_dtype(updates)
-        process_group = getattr(optimizer, "process_group", None)
-        self.step_norm = global_squared_norm(updates, dtype, process_group).sqrt()
+        self.step_norm = global_squared_norm(updates, norm_group(optimizer)).sqrt()
         if self.per_tensor:
-            self.tensor_update_norms = [n.sqrt() for n in per_tensor_squared_norms(updates, dtype)]
+            self.tensor_update_norms = [n.sqrt() for n in per_tensor_squared_norms(updates)]
 
     def metrics(
         self,

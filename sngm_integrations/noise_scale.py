@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from sngm_integrations.distributed import accumulation_dtype, global_squared_norm
+from sngm_integrations.distributed import global_squared_norm
 
 __all__ = ["GradientNoiseScale", "GradientNoiseScaleMeter"]
 
@@ -230,7 +230,7 @@ class GradientNoiseScaleMeter:
             small = small / world
             dist.all_reduce(small, group=self.process_group)
         grads = [p.grad for p in self.params if p.grad is not None]
-        big = global_squared_norm(grads, accumulation_dtype(grads)).to(device) / accumulation**2
+        big = global_squared_norm(grads).to(device, small.dtype) / accumulation**2
         self.small_sq, self.big_sq = small, big
         self.estimator.update(small, micro_batch_size, big, micro_batch_size * accumulation * world)
         return True

@@ -7,15 +7,17 @@ not epochs. Every integration (Lightning, Accelerate, the study) builds on these
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LRScheduler
 
 __all__ = [
     "SCALING_RULES",
     "SCHEDULES",
     "WarmupDecay",
+    "WarmupDecayLR",
     "check_scaling_rule",
     "check_schedule",
     "scale_lr",
@@ -86,6 +88,88 @@ class WarmupDecay:
         return self.final_fraction + (1.0 - self.final_fraction) * remaining
 
 
+class WarmupDecayLR(LRScheduler):
+    """Linear warmup, then a decay, as a learning-rate scheduler stepped per optimizer step.
+
+    Each group's lr is its base lr times `WarmupDecay` at the step count. Call `step()`
+    after every optimizer step: ``total_steps`` and ``warmup_steps`` count calls to it.
+
+    A group added to the optimizer later (``optimizer.add_param_group``, as Lightning's
+    ``BaseFinetuning`` does when it unfreezes) joins the schedule where it stands: the lr
+    it was added with is its lr at the current step, and from there it warms up and
+    decays with the other groups. An lr that something else writes into a group between
+    two steps is taken up the same way, and scheduled on from the value written.
+
+    Under LightningCLI, ``--lr_scheduler WarmupDecayLR`` is stepped once per epoch, so its
+    steps are epochs there; ``lightning_callbacks.StepScheduleCLI`` steps it per optimizer
+    step.
+
+    `load_state_dict` refuses the state of a different schedule (another ``total_steps``,
+    warmup or decay, or other base learning rates) with a ValueError: continuing it would
+    run the saved schedule while the new run was configured for another.
+
+    Args:
+        optimizer: The optimizer whose learning rates are set.
+        total_steps: Optimizer steps in the whole run (>= 1).
+        warmup_steps: Steps of linear warmup, in ``[0, total_steps]``.
+        schedule: Decay after warmup: ``constant``, ``cosine``, ``linear`` or ``poly``.
+        power: Exponent of the ``poly`` decay.
+        final_fraction: The lr at the end of the decay, as a fraction of the base lr.
+        last_epoch: Index of the last step taken; ``-1`` starts the schedule.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int,
+        warmup_steps: int = 0,
+        schedule: str = "cosine",
+        power: float = 2.0,
+        final_fraction: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        self.multiplier = WarmupDecay(total_steps, warmup_steps, schedule, power, final_fraction)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[Any]:
+        """Each group's base lr times the multiplier at the current step."""
+        previous_lrs = getattr(self, "_last_lr", None)
+        # None on the first step, where LRScheduler has set every group's initial_lr.
+        if previous_lrs is not None and (previous_factor := self.multiplier(self.last_epoch - 1)):
+            for index, group in enumerate(self.optimizer.param_groups):
+                if index >= len(previous_lrs) or group["lr"] != previous_lrs[index]:
+                    group["initial_lr"] = group["lr"] / previous_factor
+        factor = self.multiplier(self.last_epoch)
+        return [group["initial_lr"] * factor for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state, with the schedule as a plain dict (loads with weights_only)."""
+        state = super().state_dict()
+        state["multiplier"] = asdict(self.multiplier)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from a saved state; a ValueError if it was saved by another schedule."""
+        saved = WarmupDecay(**state_dict["multiplier"])
+        if not _same_multipliers(saved, self.multiplier) or state_dict["base_lrs"] != self.base_lrs:
+            raise ValueError(
+                f"Cannot continue a different learning-rate schedule: the saved state has "
+                f"{saved} with base lrs {state_dict['base_lrs']}, this run has "
+                f"{self.multiplier} with base lrs {self.base_lrs}. A schedule continues only "
+                "the run it was sized for: another batch size, gradient accumulation, number "
+                "of processes, run length or lr changes its length or its rate. Resume with "
+                "the saved settings, or start a new run from the saved weights."
+            )
+        super().load_state_dict({**state_dict, "multiplier": self.multiplier})
+
+
+def _same_multipliers(a: WarmupDecay, b: WarmupDecay) -> bool:
+    """Whether two schedules give the same multiplier at every step."""
+    if a.schedule == b.schedule == "constant":
+        return a.warmup_steps == b.warmup_steps
+    return a == b
+
+
 def warmup_decay_schedule(
     optimizer: Optimizer,
     total_steps: int,
@@ -94,11 +178,9 @@ def warmup_decay_schedule(
     *,
     power: float = 2.0,
     final_fraction: float = 0.0,
-) -> LambdaLR:
-    """A ``LambdaLR`` with linear warmup and the chosen decay, stepped once per optimizer step."""
-    return LambdaLR(
-        optimizer, WarmupDecay(total_steps, warmup_steps, schedule, power, final_fraction)
-    )
+) -> WarmupDecayLR:
+    """A `WarmupDecayLR` with linear warmup and the chosen decay, stepped per optimizer step."""
+    return WarmupDecayLR(optimizer, total_steps, warmup_steps, schedule, power, final_fraction)
 
 
 def scale_lr(lr: float, batch_size: int, reference_batch_size: int, rule: str = "none") -> float:

@@ -9,18 +9,18 @@ model (all parameter groups together), is
     w_{t+1} = w_t - lr * u_{t+1}
 
 This module follows the layout of `torch.optim.SGD`: `SNGM` validates arguments and
-gathers tensors; the functional `sngm` computes the norm once and dispatches to
-`_single_tensor_sngm` (a readable per-tensor loop), `_multi_tensor_sngm` (foreach kernels)
-or a fused path: `_fused_sngm_triton` (two multi-tensor Triton launches, see
-`sngm_integrations.triton_sngm`) where it applies, else `_fused_sngm` (torch's fused SGD
-kernel, fed the norm as its `grad_scale`).
-`sngm_integrations.reference` holds a literal twin that the tests hold all three to.
+gathers tensors; the functional `sngm` computes the norm once and dispatches to one of
+three implementations with one signature: `_single_tensor_sngm` (a readable per-tensor
+loop), `_multi_tensor_sngm` (foreach kernels) and `_fused_sngm` (torch's fused SGD
+kernel). Fused steps of CUDA tensors go to SNGM's own Triton kernels first
+(`sngm_integrations.triton_sngm.fused_step`); CPU steps never reach them.
+`sngm_integrations.reference` holds a literal twin that the tests hold all of them to.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Callable, Hashable, Iterable, Sequence
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
@@ -31,26 +31,22 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from sngm_integrations import sharding
 from sngm_integrations.distributed import (
-    accumulation_dtype,
-    all_reduce_and_sum,
     any_dtensor,
     global_squared_norm,
     local_tensor,
     per_tensor_squared_norms,
-    reduction_classes,
-    sum_on,
 )
+from sngm_integrations.norms import accumulation_dtype, decayed_squared_norms, squared_norms
 
 if TYPE_CHECKING:
-    from sngm_integrations.triton_sngm import BucketPlan
+    from sngm_integrations.triton_sngm import PlanCache
 
-__all__ = ["SNGM", "PlanCache", "SNGMParamGroup", "SNGMStepStats", "sngm"]
+__all__ = ["SNGM", "SNGMParamGroup", "SNGMStepStats", "sngm"]
 
 NORMALIZE_MODES = ("global", "layer")
 FUSED_BACKENDS = ("auto", "triton", "torch")
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 _MIN_HOST_INVERSE_NORM = 2.0**-24
 
 
@@ -64,8 +60,11 @@ def _validate_hyperparameters(
 ) -> None:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
-            raise ValueError(f"lr must be a float or a one-element Tensor, got lr={lr}")
-        lr_value = float(lr)  # validation runs once, at construction, never in step()
+            raise ValueError(
+                f"Invalid lr: lr={lr} (a Tensor lr must have one element, "
+                f"got shape {tuple(lr.shape)})"
+            )
+        lr_value = float(lr)  # validation runs at construction, never in step()
     else:
         lr_value = float(lr)
     if not lr_value >= 0.0:
@@ -86,11 +85,19 @@ def _validate_hyperparameters(
         )
 
 
-def _validate_fused_backend(fused_backend: str) -> None:
+def _validate_implementation(
+    foreach: bool | None, fused: bool | None, fused_backend: str, normalize: str
+) -> None:
+    if fused and foreach:
+        raise ValueError("fused=True and foreach=True cannot both be set: choose one")
     if fused_backend not in FUSED_BACKENDS:
         raise ValueError(
             f"Invalid fused_backend: fused_backend={fused_backend!r} "
             f"(choose one of {FUSED_BACKENDS})"
+        )
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(
+            f"Invalid normalize: normalize={normalize!r} (choose one of {NORMALIZE_MODES})"
         )
 
 
@@ -115,16 +122,21 @@ class SNGM(Optimizer):
 
     Because the gradient is divided by its norm, multiplying every gradient by one positive
     number changes nothing (up to `eps`, and apart from the folded weight decay): norm
-    clipping, loss division by accumulation steps and AMP loss scales are no-ops.
+    clipping, loss division by accumulation steps and AMP loss scales are no-ops. Every
+    finite gradient gives a finite step: the squared norm is accumulated in float64 where
+    the hardware has it, and on the CPU a float32 sum that overflows is measured again.
 
-    A step whose gradient norm is not finite (an inf or nan anywhere) is skipped on the
-    device, without a host synchronisation: parameters and momentum buffers keep their
-    exact values, and `skipped_steps` counts it. (Only the CPU path reads the norm on the
-    host, where there is no device to wait for.)
+    A step whose gradient holds an inf or nan is skipped on the device, without a host
+    synchronisation: parameters and momentum buffers keep their exact values, and
+    `skipped_steps` counts it. (The CPU path reads the norm on the host, where there is
+    no device to wait for.) No implementation writes to `p.grad`.
+
+    With `momentum=0` no momentum buffer is kept (as in `torch.optim.SGD`); a group whose
+    momentum is raised later starts its buffer from zero.
 
     Args:
         params: Parameters or parameter groups (dicts) to optimize.
-        lr: Learning rate (a float, or a one-element Tensor).
+        lr: Learning rate (a float, or a one-element Tensor, used as a 0-dim one).
         momentum: The momentum factor, in [0, 1). Kept under the key `"momentum"` in every
             param group, where learning-rate monitors look for it.
         weight_decay: L2 penalty, folded into the gradient before the norm.
@@ -138,31 +150,23 @@ class SNGM(Optimizer):
         foreach: Use the foreach (multi-tensor) implementation.
         fused: Use the fused implementation. The default, when neither `foreach` nor
             `fused` is given, is fused on devices torch has fused kernels for (CPU and
-            CUDA among them), otherwise foreach.
-        fused_backend: Which kernels the fused implementation uses. `"auto"` (default):
-            SNGM's Triton kernels for float32/float16/bfloat16 CUDA tensors with
-            `normalize="global"` when Triton is installed, otherwise torch's fused SGD
-            kernel. `"triton"` insists on the Triton kernels (an error where they do not
-            apply); `"torch"` always uses torch's kernel. In a CUDA graph capture before
-            any eager step, torch's kernel is used. Under `torch.compile`, which can
-            trace neither kernel, the fused path runs as the foreach implementation and
-            the compiler fuses it.
-        process_group: For flat-sharded optimizers (FSDP1 with `use_orig_params`,
-            DeepSpeed ZeRO-1/2), the group over which each rank's shards are summed to give
-            the global norm. Leave `None` for one process, DDP and DTensor (FSDP2)
-            parameters, which are handled without it.
-
-    Warning:
-        The fused implementation on torch's kernel (the default on CPU, and on CUDA where
-        the Triton kernels do not apply) may change `p.grad`. Weight decay is folded into
-        it in place (it then holds `d`, to save a copy), and where the kernel takes the
-        global norm as its `grad_scale` it writes `d / ||d||` back: for float32 and
-        half-precision tensors on CUDA, and on the CPU for half precision, Nesterov
-        momentum, momentum 0 and norms above 2**24 (CPU float32 steps otherwise hand the
-        kernel `1/||d||` as a host number and leave `g` as it was). The next `zero_grad()`
-        clears it as usual, and norm clipping or loss scaling before `step()` are
-        unaffected, but code that reads `p.grad` *after* `step()` can see these values.
-        The Triton kernels and `foreach=True` (or `fused=False`) leave gradients untouched.
+            CUDA among them), otherwise foreach. A param group that leaves `foreach` or
+            `fused` unset (None) takes the choice of the groups that set it; two groups
+            that set different values are refused.
+        fused_backend: Which kernels the fused implementation uses on CUDA. `"auto"`
+            (default): SNGM's Triton kernels for float32/float16/bfloat16 CUDA tensors
+            with `normalize="global"` when Triton is installed, otherwise torch's fused
+            SGD kernel. `"triton"` insists on the Triton kernels (an error where they do
+            not apply); `"torch"` always uses torch's kernel. In a CUDA graph capture
+            before any eager step, torch's kernel is used. Under `torch.compile`, which
+            can trace neither kernel, the fused path runs as the foreach implementation
+            and the compiler fuses it. Kept by copies and pickles of the optimizer.
+        process_group: The group over which each rank's flat shards are summed to give
+            the global norm, for flat shards no engine SNGM knows produced, and for FSDP1's
+            hybrid sharding (its shard group). Leave `None` otherwise: SNGM recognises FSDP1,
+            DeepSpeed ZeRO 0-3 and DTensor (FSDP2) parameters by itself (see
+            docs/sharded-engines.md), and DDP needs none. Kept by `copy.deepcopy`; a
+            pickled optimizer has none.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -188,9 +192,7 @@ class SNGM(Optimizer):
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         _validate_hyperparameters(lr, momentum, weight_decay, nesterov, normalize, eps)
-        _validate_fused_backend(fused_backend)
-        if fused and foreach:
-            raise ValueError("fused=True and foreach=True cannot both be set: choose one")
+        _validate_implementation(foreach, fused, fused_backend, normalize)
         if process_group is not None and normalize == "layer":
             raise ValueError(
                 "normalize='layer' cannot be used with process_group (flat-sharded "
@@ -212,7 +214,7 @@ class SNGM(Optimizer):
         # Held in a dict that step() writes into: torch.compile loses (or refuses) an
         # attribute assigned on the optimizer inside a traced step, but keeps dict writes.
         self._last_step: dict[str, Tensor | None] = {"grad_norm": None}
-        self._triton_plans = PlanCache()
+        self._triton_plans: PlanCache | None = None
         super().__init__(params, defaults)
 
     @property
@@ -226,22 +228,27 @@ class SNGM(Optimizer):
         """Add a parameter group; its hyperparameters are validated like the constructor's."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate_hyperparameters(
-            group["lr"],
-            group["momentum"],
-            group["weight_decay"],
-            group["nesterov"],
-            group["normalize"],
-            group["eps"],
-        )
-        first = self.param_groups[0]
-        # One step updates every group together, with one norm and one implementation.
-        for key in ("normalize", "eps", "foreach", "fused"):
-            if group[key] != first[key]:
-                raise ValueError(
-                    f"{key} must be the same in every param group (one step, one shared "
-                    f"norm): got {key}={group[key]!r} and {key}={first[key]!r}"
-                )
+        try:
+            _validate_hyperparameters(
+                group["lr"],
+                group["momentum"],
+                group["weight_decay"],
+                group["nesterov"],
+                group["normalize"],
+                group["eps"],
+            )
+            first = self.param_groups[0]
+            # One step updates every group together, with one norm and one implementation.
+            for key in ("normalize", "eps"):
+                if group[key] != first[key]:
+                    raise ValueError(
+                        f"{key} must be the same in every param group (one step, one shared "
+                        f"norm): got {key}={group[key]!r} and {key}={first[key]!r}"
+                    )
+            _implementation_flags(self.param_groups)
+        except ValueError:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; the skip counters are kept in float32 with their exact values.
@@ -269,8 +276,7 @@ class SNGM(Optimizer):
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("fused_backend", "auto")
         self.__dict__.setdefault("_last_step", {"grad_norm": None})
-        if self.__dict__.get("_triton_plans") is None:
-            self._triton_plans = PlanCache()
+        self.__dict__.setdefault("_triton_plans", None)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
@@ -280,11 +286,20 @@ class SNGM(Optimizer):
             group.setdefault("fused", None)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state = dict(state)
-        state["process_group"] = None  # process groups cannot be copied or pickled
-        state["_triton_plans"] = None  # tables of device pointers, rebuilt on demand
+        state = dict(super().__getstate__())
+        state["fused_backend"] = self.fused_backend
+        # Process groups cannot be pickled; a plan holds device pointers, rebuilt on demand.
+        state["process_group"] = None
+        state["_triton_plans"] = None
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SNGM:
+        """A deep copy that keeps the process group (a handle, not state, and not copyable)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        new.process_group = self.process_group
+        return new
 
     @property
     def skipped_steps(self) -> int:
@@ -309,10 +324,12 @@ class SNGM(Optimizer):
     ) -> bool:
         """Append the group's tensors that have gradients, and their skip counters.
 
+        Momentum buffers are gathered (and made at zero) only when the group has momentum.
         Like torch.optim's optimizers, it fills the lists it is given and returns a plain
         value (whether the group has any gradient): torch.compile runs a method of this
         name eagerly and expects exactly that.
         """
+        has_momentum = group["momentum"] != 0.0
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -323,20 +340,25 @@ class SNGM(Optimizer):
                     "(for nn.Embedding, sparse=False)"
                 )
             state = self.state[p]
-            buffer = state.get("momentum_buffer")
-            if buffer is None:
-                buffer = state["momentum_buffer"] = torch.zeros_like(
-                    p, memory_format=torch.preserve_format
-                )
+            if "skipped_steps" not in state:
                 state["skipped_steps"] = torch.zeros(
                     (), dtype=torch.float32, device=local_tensor(p).device
                 )
             skip_counters.append(state["skipped_steps"])
+            buffer = None
+            if has_momentum:
+                buffer = state.get("momentum_buffer")
+                if buffer is None:
+                    buffer = state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
             if p.is_complex():
-                p, grad, buffer = (torch.view_as_real(t) for t in (p, grad, buffer))
+                p, grad = torch.view_as_real(p), torch.view_as_real(grad)
+                buffer = torch.view_as_real(buffer) if buffer is not None else None
             params.append(p)
             grads.append(grad)
-            buffers.append(buffer)
+            if buffer is not None:
+                buffers.append(buffer)
         return bool(params)
 
     @torch.no_grad()
@@ -372,21 +394,63 @@ class SNGM(Optimizer):
                         skip_counters=skip_counters,
                     )
                 )
+        # Engines that shard the optimizer's tensors: reduction group, deferred groups.
+        plan = sharding.plan_step(self, groups, self.process_group, self._last_step)
+        groups = plan.groups
         if not groups:
             return loss
+        foreach, fused = _implementation_flags(self.param_groups)
+        if self._triton_plans is None and _may_use_triton(
+            groups, foreach, fused, self.fused_backend
+        ):
+            from sngm_integrations.triton_sngm import PlanCache
+
+            self._triton_plans = PlanCache()
         first = self.param_groups[0]
-        stats = sngm(
+        stats = _dispatch(
             groups,
             normalize=first["normalize"],
             eps=first["eps"],
-            process_group=self.process_group,
-            foreach=first["foreach"],
-            fused=first["fused"],
+            process_group=plan.process_group,
+            foreach=foreach,
+            fused=fused,
             fused_backend=self.fused_backend,
             triton_plans=self._triton_plans,
         )
         self._last_step["grad_norm"] = stats.grad_norm
+        plan.finish()
         return loss
+
+
+def _may_use_triton(
+    groups: Sequence[SNGMParamGroup], foreach: bool | None, fused: bool | None, backend: str
+) -> bool:
+    """Whether the step goes to the Triton kernels first: fused CUDA steps (CPU tensors
+    only with `fused_backend="triton"`, under Triton's interpreter), never when compiling."""
+    if foreach or fused is False or backend == "torch" or torch.compiler.is_compiling():
+        return False
+    return backend == "triton" or local_tensor(groups[0].params[0]).is_cuda
+
+
+def _implementation_flags(
+    param_groups: Sequence[dict[str, Any]],
+) -> tuple[bool | None, bool | None]:
+    """The `foreach` and `fused` the groups agree on: a group's None takes the others' choice."""
+    flags: list[bool | None] = []
+    for key in ("foreach", "fused"):
+        chosen = {group[key] for group in param_groups if group[key] is not None}
+        if len(chosen) > 1:
+            raise ValueError(
+                f"{key} must not differ between param groups (one step, one implementation): "
+                f"got {key}=True in one group and {key}=False in another"
+            )
+        flags.append(chosen.pop() if chosen else None)
+    foreach, fused = flags
+    if foreach and fused:
+        raise ValueError(
+            "fused=True and foreach=True cannot both be set (across param groups): choose one"
+        )
+    return foreach, fused
 
 
 @dataclass
@@ -396,6 +460,7 @@ class SNGMParamGroup:
     params: list[Tensor]
     grads: list[Tensor]
     momentum_buffers: list[Tensor]
+    """One per parameter; empty when `momentum` is 0 (no buffer is kept then)."""
     lr: float | Tensor
     momentum: float
     weight_decay: float = 0.0
@@ -415,134 +480,6 @@ class SNGMStepStats(NamedTuple):
     """1.0 when the step was skipped because the norm was not finite, else 0.0."""
 
 
-class _Directions(NamedTuple):
-    """Per group: the vectors to normalize, and the sign the gradient still needs."""
-
-    vectors: list[list[Tensor]]
-    signs: list[float]
-
-
-def _descent_directions(groups: Sequence[SNGMParamGroup], in_place: bool) -> _Directions:
-    """`d = ±g + λw` for each group, without copying `g` when `λ = 0`.
-
-    With `λ = 0` the vector is the gradient itself and the sign of `maximize` is left to
-    the update (the norm does not depend on it); with `λ > 0` the sign is folded in, into
-    a new tensor, or into `g` itself when `in_place` (the fused path, which overwrites
-    `g` anyway and so saves an allocation and a pass).
-    """
-    vectors: list[list[Tensor]] = []
-    signs: list[float] = []
-    for group in groups:
-        if group.weight_decay == 0.0:
-            vectors.append(group.grads)
-            signs.append(-1.0 if group.maximize else 1.0)
-            continue
-        if in_place:
-            if group.maximize:
-                torch._foreach_neg_(group.grads)
-            torch._foreach_add_(group.grads, group.params, alpha=group.weight_decay)
-            vectors.append(group.grads)
-        else:
-            grads = torch._foreach_neg(group.grads) if group.maximize else group.grads
-            vectors.append(list(torch._foreach_add(grads, group.params, alpha=group.weight_decay)))
-        signs.append(1.0)
-    return _Directions(vectors, signs)
-
-
-class _Scale(NamedTuple):
-    """The device scalars of one step: the norm, whether it is finite, and 1/norm."""
-
-    grad_norm: Tensor
-    finite: Tensor
-    found_inf: Tensor  # float32: 1.0 when the step is skipped
-    inverse_norms: list[Tensor]  # one per tensor ("layer") or a single one ("global")
-    norm_floor: Tensor | None  # max(norm, eps), for "global" only
-
-
-def _compute_scale(
-    vectors: Sequence[Tensor],
-    normalize: str,
-    eps: float,
-    process_group: dist.ProcessGroup | None,
-) -> _Scale:
-    acc_dtype = accumulation_dtype(vectors)
-    if normalize == "global":
-        norm = global_squared_norm(vectors, acc_dtype, process_group).sqrt()
-        finite = torch.isfinite(norm)
-        floor = norm.clamp(min=eps)
-        inverse = torch.where(finite, floor.reciprocal(), 0.0)
-        return _Scale(norm, finite, (~finite).to(torch.float32), [inverse], floor)
-    if process_group is not None:
-        raise ValueError(
-            "normalize='layer' cannot be used with process_group (flat-sharded parameters)"
-        )
-    norms = torch.stack(per_tensor_squared_norms(vectors, acc_dtype)).sqrt()
-    finite = torch.isfinite(norms).all()
-    inverse = torch.where(finite, norms.clamp(min=eps).reciprocal(), 0.0)
-    grad_norm = norms.square().sum().sqrt()
-    return _Scale(grad_norm, finite, (~finite).to(torch.float32), list(inverse.unbind()), None)
-
-
-class _OnDevice:
-    """Caches copies of the step's device scalars on each device that holds parameters."""
-
-    def __init__(self) -> None:
-        # The source tensor is kept alive with its copy, so that its id stays unique.
-        self._cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
-
-    def __call__(self, value: Tensor, device: torch.device) -> Tensor:
-        if value.device == device:
-            return value
-        key = (id(value), device)
-        if key not in self._cache:
-            self._cache[key] = (value, value.to(device, non_blocking=True))
-        return self._cache[key][1]
-
-
-class _Bucket(NamedTuple):
-    """The local tensors of one group that share a device and a dtype (one foreach call)."""
-
-    device: torch.device
-    dtype: torch.dtype
-    params: list[Tensor]
-    grads: list[Tensor]
-    buffers: list[Tensor]
-    indices: list[int]
-    """The tensors' positions in the group."""
-
-
-def _buckets(group: SNGMParamGroup) -> list[_Bucket]:
-    """`group`'s tensors bucketed by device and dtype, by torch.optim's own (C++) helper."""
-    lists: list[list[Tensor]] = [group.params, group.grads, group.momentum_buffers]
-    if any_dtensor(group.params):
-        lists = [[local_tensor(t) for t in ts] for ts in lists]
-    # While compiling, the helper returns one bucket and leaves the rest to Inductor.
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        cast(list[list[Tensor | None]], lists), with_indices=True
-    )
-    buckets = []
-    for bucket_lists, indices in grouped.values():
-        params, grads, buffers = cast(list[list[Tensor]], bucket_lists)
-        buckets.append(_Bucket(params[0].device, params[0].dtype, params, grads, buffers, indices))
-    return buckets
-
-
-def _bucket_vectors(bucket: _Bucket, group: SNGMParamGroup, vectors: list[Tensor]) -> list[Tensor]:
-    """The bucket's part of the group's vectors to normalize (its gradients when they are)."""
-    if vectors is group.grads:
-        return bucket.grads
-    return [local_tensor(vectors[i]) for i in bucket.indices]
-
-
-def _first_unfusable(buckets: Iterable[_Bucket]) -> _Bucket | None:
-    """The first bucket torch's fused kernel cannot take, or None if it takes them all."""
-    supported = _get_fused_kernels_supported_devices()
-    for bucket in buckets:
-        if bucket.device.type not in supported or not bucket.dtype.is_floating_point:
-            return bucket
-    return None
-
-
 def sngm(
     groups: Sequence[SNGMParamGroup],
     *,
@@ -559,20 +496,56 @@ def sngm(
     See `SNGM` for the algorithm and the arguments. The norm is computed once (on the
     device, reduced over shards when needed), then every group is updated by the chosen
     implementation, and each group's `skip_counters` (when given) are incremented if the
-    norm is not finite. `triton_plans` keeps the Triton kernels' pointer tables from one
-    step to the next; without it they are rebuilt every step.
+    norm is not finite. `triton_plans` (a `triton_sngm.PlanCache`) keeps the Triton
+    kernels' pointer tables from one step to the next; without it they are rebuilt.
 
     Returns:
         The step's gradient norm and whether it was skipped, as device tensors.
     """
-    _validate_fused_backend(fused_backend)
-    if fused and foreach:
-        raise ValueError("fused=True and foreach=True cannot both be set: choose one")
-    if not foreach and fused is not False:
-        plans = _triton_bucket_plans(groups, normalize, process_group, fused_backend, triton_plans)
-        if plans is not None:
-            return _fused_sngm_triton(groups, plans, eps)
-    buckets = [_buckets(group) for group in groups] if fused is not False or foreach else []
+    _validate_implementation(foreach, fused, fused_backend, normalize)
+    for group in groups:
+        if len(group.momentum_buffers) not in (0, len(group.params)) or (
+            group.momentum != 0.0 and not group.momentum_buffers
+        ):
+            raise ValueError(
+                "momentum_buffers must hold one tensor per parameter when momentum != 0 "
+                f"(or none when it is 0), got {len(group.momentum_buffers)} for "
+                f"{len(group.params)} parameters with momentum={group.momentum}"
+            )
+    return _dispatch(
+        groups,
+        normalize=normalize,
+        eps=eps,
+        process_group=process_group,
+        foreach=foreach,
+        fused=fused,
+        fused_backend=fused_backend,
+        triton_plans=triton_plans,
+    )
+
+
+def _dispatch(
+    groups: Sequence[SNGMParamGroup],
+    *,
+    normalize: str,
+    eps: float,
+    process_group: dist.ProcessGroup | None,
+    foreach: bool | None,
+    fused: bool | None,
+    fused_backend: str,
+    triton_plans: PlanCache | None,
+) -> SNGMStepStats:
+    """`sngm` after validation: choose the implementation, measure the norm, update."""
+    compiling = torch.compiler.is_compiling()
+    if _may_use_triton(groups, foreach, fused, fused_backend):
+        from sngm_integrations import triton_sngm
+
+        taken = triton_sngm.fused_step(
+            groups, normalize, eps, process_group, fused_backend, triton_plans
+        )
+        if taken is not None:
+            return SNGMStepStats(*taken)
+    buckets = [_buckets(group) for group in groups]
     if fused is None and foreach is None:
         fused = _first_unfusable(chain.from_iterable(buckets)) is None
     elif fused and (unfusable := _first_unfusable(chain.from_iterable(buckets))) is not None:
@@ -582,342 +555,349 @@ def sngm(
             f"on {unfusable.device}"
         )
     # Neither fused kernel can be traced; under torch.compile Inductor fuses the foreach ops.
-    fused_kernel = bool(fused) and not torch.compiler.is_compiling()
-    directions = _descent_directions(groups, in_place=fused_kernel)
-    scale = _compute_scale(
-        [v for vectors in directions.vectors for v in vectors], normalize, eps, process_group
+    fused_kernel = bool(fused) and not compiling
+    on_host = (
+        not compiling
+        and normalize == "global"
+        and all(b.device.type == "cpu" for b in chain.from_iterable(buckets))
     )
+    # The CPU kernel takes weight decay itself and its norm comes from dot products, so
+    # there `d` is never written; elsewhere it is formed once, into new tensors.
+    directions = _descent_directions(groups, materialize=not (fused_kernel and on_host))
+    scale = _compute_scale(groups, directions, normalize, eps, process_group)
+    steps = _bucket_steps(groups, buckets, directions, scale)
     if fused_kernel:
-        _fused_sngm(groups, buckets, directions, scale)
+        _fused_sngm(steps, scale, on_host)
     elif fused or foreach:
-        _multi_tensor_sngm(groups, buckets, directions, scale)
+        _multi_tensor_sngm(steps, scale, on_host)
     else:
-        _single_tensor_sngm(groups, directions, scale)
+        _single_tensor_sngm(steps, scale, on_host)
     _count_skips(groups, scale.found_inf)
     return SNGMStepStats(scale.grad_norm, scale.found_inf)
 
 
-def _inverse_norms_for(scale: _Scale, start: int, count: int) -> list[Tensor]:
-    """The inverse norms of `count` tensors that start at flat index `start`."""
-    if len(scale.inverse_norms) == 1:
-        return scale.inverse_norms * count
-    return scale.inverse_norms[start : start + count]
+class _Directions(NamedTuple):
+    """Per group: the vectors whose norm is taken and the sign `g` still needs in them.
 
-
-def _single_tensor_sngm(
-    groups: Sequence[SNGMParamGroup], directions: _Directions, scale: _Scale
-) -> None:
-    """One tensor at a time: the readable implementation."""
-    to_device = _OnDevice()
-    start = 0
-    for group, vectors, sign in zip(groups, directions.vectors, directions.signs, strict=True):
-        inverses = _inverse_norms_for(scale, start, len(vectors))
-        start += len(vectors)
-        beta = group.momentum
-        for p, d, u, inverse in zip(
-            group.params, vectors, group.momentum_buffers, inverses, strict=True
-        ):
-            p, d, u = local_tensor(p), local_tensor(d), local_tensor(u)
-            finite = to_device(scale.finite, p.device)
-            normalized = d * (to_device(inverse, p.device) * sign)
-            new_u = u * beta + normalized
-            update = normalized + beta * new_u if group.nesterov else new_u
-            lr = to_device(group.lr, p.device) if isinstance(group.lr, Tensor) else group.lr
-            new_p = p - lr * update
-            u.copy_(torch.where(finite, new_u, u))
-            p.copy_(torch.where(finite, new_p, p))
-
-
-def _multi_tensor_sngm(
-    groups: Sequence[SNGMParamGroup],
-    buckets: Sequence[list[_Bucket]],
-    directions: _Directions,
-    scale: _Scale,
-) -> None:
-    """Foreach kernels over each bucket of tensors that share a device and a dtype."""
-    to_device = _OnDevice()
-    start = 0
-    for group, group_buckets, vectors, sign in zip(
-        groups, buckets, directions.vectors, directions.signs, strict=True
-    ):
-        inverses = _inverse_norms_for(scale, start, len(vectors))
-        start += len(vectors)
-        beta = group.momentum
-        for bucket in group_buckets:
-            device, params, bufs = bucket.device, bucket.params, bucket.buffers
-            vecs = _bucket_vectors(bucket, group, vectors)
-            scalar_dtype = torch.float64 if bucket.dtype == torch.float64 else torch.float32
-            keep = to_device(scale.finite, device).to(scalar_dtype)
-            if len(scale.inverse_norms) == 1:
-                normalized = list(torch._foreach_mul(vecs, to_device(inverses[0], device) * sign))
-            else:
-                normalized = list(
-                    torch._foreach_mul(
-                        vecs, [to_device(inverses[i], device) * sign for i in bucket.indices]
-                    )
-                )
-            # On a skipped step the inverse norm is 0, but 0 * inf is nan: clear those.
-            for t in normalized:
-                t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            torch._foreach_mul_(bufs, 1.0 + keep * (beta - 1.0))
-            torch._foreach_add_(bufs, normalized)
-            update = (
-                list(torch._foreach_add(normalized, torch._foreach_mul(bufs, beta)))
-                if group.nesterov
-                else bufs
-            )
-            lr = to_device(group.lr, device) if isinstance(group.lr, Tensor) else group.lr
-            torch._foreach_add_(params, torch._foreach_mul(update, -lr * keep))
-
-
-def _fused_sngm(
-    groups: Sequence[SNGMParamGroup],
-    buckets: Sequence[list[_Bucket]],
-    directions: _Directions,
-    scale: _Scale,
-) -> None:
-    """Torch's fused SGD kernel with the norm as `grad_scale` and the skip as `found_inf`.
-
-    The kernel divides the gradient by `grad_scale` on the device, so the normalized
-    gradient is never materialized: after the norm's one read of the gradient, the kernel
-    reads p, g and u and writes p and u (and g, see the warning in `SNGM`). The
-    scale is a float32 input of the kernel; float64 tensors and `normalize="layer"`
-    are therefore normalized beforehand, into a temporary.
-
-    On the CPU, float32 buckets with momentum (not Nesterov) get `1/||d||` as the kernel's
-    `1 - dampening` instead, read on the host (there is no device to wait for): the
-    kernel then forms `u = beta * u + d / ||d||` itself and does not write `g` back,
-    which saves one of its six passes over the data.
-    """
-    to_device = _OnDevice()
-    host_inverse = _host_inverse_norm(scale)
-    start = 0
-    for group, group_buckets, vectors, sign in zip(
-        groups, buckets, directions.vectors, directions.signs, strict=True
-    ):
-        inverses = _inverse_norms_for(scale, start, len(vectors))
-        start += len(vectors)
-        for bucket in group_buckets:
-            device, params, bufs = bucket.device, bucket.params, bucket.buffers
-            vecs = _bucket_vectors(bucket, group, vectors)
-            grad_scale: Tensor | None = None
-            dampening = 0.0
-            maximize = sign < 0
-            if (
-                host_inverse is not None
-                and device.type == "cpu"
-                and bucket.dtype == torch.float32
-                and group.momentum != 0.0
-                and not group.nesterov
-            ):
-                dampening = 1.0 - host_inverse
-            elif scale.norm_floor is not None and bucket.dtype != torch.float64:
-                grad_scale = to_device(scale.norm_floor.to(torch.float32), device)
-            else:
-                scales = [to_device(inverses[i], device) * sign for i in bucket.indices]
-                vecs = list(torch._foreach_mul(vecs, scales))
-                maximize = False
-            lr = to_device(group.lr, device) if isinstance(group.lr, Tensor) else group.lr
-            torch._fused_sgd_(
-                params,
-                vecs,
-                bufs if group.momentum != 0.0 else [],  # the kernel takes none without momentum
-                weight_decay=0.0,
-                momentum=group.momentum,
-                lr=cast(Any, lr),
-                dampening=dampening,
-                nesterov=group.nesterov,
-                maximize=maximize,
-                is_first_step=False,
-                grad_scale=grad_scale,
-                found_inf=to_device(scale.found_inf, device),
-            )
-
-
-def _host_inverse_norm(scale: _Scale) -> float | None:
-    """`1/||d||` as a Python float when the global norm is on the CPU and at most 2**24.
-
-    The kernel takes it as `1 - dampening`, a double, and computes `1 - dampening` back:
-    the round trip is exact to about `1e-16 * ||d||` relative, so larger norms (and
-    skipped steps, whose inverse is 0) keep the `grad_scale` route.
-    """
-    if scale.norm_floor is None or scale.norm_floor.device.type != "cpu":
-        return None
-    inverse = float(scale.inverse_norms[0])
-    return inverse if inverse >= _MIN_HOST_INVERSE_NORM else None
-
-
-class PlanCache:
-    """A few recent steps' plans (or the reason the kernels could not take them), by key.
-
-    The key names the step's tensors by their addresses, so a plan is reused for as long
-    as the parameters, gradients and momentum buffers stay where they are, which they do
-    from step to step once the caching allocator has settled.
+    With weight decay, and unless the CPU kernel forms `d` itself, the vectors are
+    `d = ±g + λw` in new tensors (sign 1); otherwise they are the gradients, with the
+    sign of `maximize` (the norm does not depend on it) and `λ` left to the update.
     """
 
-    def __init__(self, max_entries: int = 8) -> None:
-        self._entries: dict[Hashable, object] = {}
-        self._max_entries = max_entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: Hashable) -> object | None:
-        return self._entries.get(key)
-
-    def put(self, key: Hashable, value: object) -> None:
-        if len(self._entries) >= self._max_entries:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = value
+    vectors: list[list[Tensor]]
+    signs: list[float]
+    decay_folded: list[bool]
 
 
-_TritonPlans = list[tuple[list[dist.ProcessGroup], list[tuple[int, "BucketPlan"]]]]
-"""For each reduction class: the groups its squared sum is all-reduced over, and its
-buckets as (group index, plan) pairs."""
-
-
-def _triton_bucket_plans(
-    groups: Sequence[SNGMParamGroup],
-    normalize: str,
-    process_group: dist.ProcessGroup | None,
-    backend: str,
-    cache: PlanCache | None,
-) -> _TritonPlans | None:
-    """The Triton kernels' plans for this step, or None when torch's fused kernel takes it.
-
-    A step's plan, or the reason it has none, is cached under the addresses of all its
-    tensors, so that a step like the last one costs only building that key.
-    """
-
-    def unavailable(reason: str) -> _TritonPlans | None:
-        if backend == "triton":
-            raise RuntimeError(f"fused_backend='triton' cannot take this step: {reason}")
-        return None
-
-    if backend == "torch" or torch.compiler.is_compiling():
-        return None
-    first = local_tensor(groups[0].params[0])
-    if backend == "auto" and not first.is_cuda:  # CPU tensors run only in the interpreter
-        return None
-    if normalize != "global":
-        return unavailable(f"normalize={normalize!r} (the kernels take 'global' only)")
-    if not _TRITON_INSTALLED:
-        return unavailable("Triton is not installed")
-
-    full_grads = [g for group in groups for g in group.grads]
-    params = [p for group in groups for p in group.params]
-    grads = full_grads
-    buffers = [u for group in groups for u in group.momentum_buffers]
-    counters = [c for group in groups for c in group.skip_counters or ()]
-    if any_dtensor(full_grads):
-        params, grads, buffers = ([local_tensor(t) for t in ts] for ts in (params, grads, buffers))
-    key = (
-        tuple(map(Tensor.data_ptr, params)),
-        tuple(map(Tensor.data_ptr, grads)),
-        tuple(map(Tensor.data_ptr, buffers)),
-        tuple(map(Tensor.data_ptr, counters)),
-        tuple(map(Tensor.numel, grads)),
-        tuple((len(group.params), group.skip_counters is None) for group in groups),
-        id(process_group),
-        backend,
-    )
-    found = cache.get(key) if cache is not None else None
-    if found is None:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            # A plan's tables are copied from host memory that is reused after the copy;
-            # a graph must not record that copy.
-            return unavailable("a CUDA graph is being captured before any eager step")
-        found = _plan_triton_step(
-            groups, full_grads, params, grads, buffers, process_group, backend
-        )
-        if cache is not None:
-            cache.put(key, found)
-    if isinstance(found, str):
-        return unavailable(found)
-    return cast(_TritonPlans, found)
-
-
-def _plan_triton_step(
-    groups: Sequence[SNGMParamGroup],
-    full_grads: list[Tensor],
-    params: list[Tensor],
-    grads: list[Tensor],
-    buffers: list[Tensor],
-    process_group: dist.ProcessGroup | None,
-    backend: str,
-) -> _TritonPlans | str:
-    """Bucket the step's local tensors by reduction class, group and dtype, and build each
-    bucket's tables; or say why the kernels cannot take the step."""
-    from sngm_integrations import triton_sngm
-
-    for p in params:
-        if not triton_sngm.supports(p) or (backend == "auto" and not p.is_cuda):
-            return f"a {p.dtype} parameter on {p.device}"
-    group_of = [i for i, group in enumerate(groups) for _ in group.params]
-    counter_of: list[Tensor | None] = []
+def _descent_directions(groups: Sequence[SNGMParamGroup], materialize: bool) -> _Directions:
+    vectors: list[list[Tensor]] = []
+    signs: list[float] = []
+    folded: list[bool] = []
     for group in groups:
-        counter_of += group.skip_counters or [None] * len(group.params)
-    plans: _TritonPlans = []
-    for class_groups, indices in reduction_classes(full_grads, process_group):
-        buckets: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
-        for i in indices:
-            buckets.setdefault((group_of[i], params[i].device, params[i].dtype), []).append(i)
-        class_plans: list[tuple[int, BucketPlan]] = []
-        plans.append((class_groups, class_plans))
-        for (group_index, _, _), members in buckets.items():
-            counts_skips = groups[group_index].skip_counters is not None
-            plan = triton_sngm.plan_bucket(
-                [params[i] for i in members],
-                [grads[i] for i in members],
-                [buffers[i] for i in members],
-                [cast(Tensor, counter_of[i]) for i in members] if counts_skips else None,
+        sign = -1.0 if group.maximize else 1.0
+        if group.weight_decay == 0.0 or not materialize:
+            vectors.append(group.grads)
+            signs.append(sign)
+            folded.append(group.weight_decay == 0.0)
+            continue
+        grads = torch._foreach_neg(group.grads) if group.maximize else group.grads
+        vectors.append(list(torch._foreach_add(grads, group.params, alpha=group.weight_decay)))
+        signs.append(1.0)
+        folded.append(True)
+    return _Directions(vectors, signs, folded)
+
+
+class _Scale(NamedTuple):
+    """The step's scalars: the norm, whether it is finite, and 1/norm."""
+
+    grad_norm: Tensor
+    finite: Tensor
+    found_inf: Tensor  # float32: 1.0 when the step is skipped
+    inverse_norms: list[Tensor]  # one per tensor ("layer") or a single one ("global")
+    host_inverse: float | None
+    """`1/max(||d||, eps)` as a number, for CPU steps (0.0 for a skipped one)."""
+
+
+def _compute_scale(
+    groups: Sequence[SNGMParamGroup],
+    directions: _Directions,
+    normalize: str,
+    eps: float,
+    process_group: dist.ProcessGroup | None,
+) -> _Scale:
+    vectors = [v for group_vectors in directions.vectors for v in group_vectors]
+    report_dtype = accumulation_dtype(vectors)
+    if normalize == "layer":
+        if process_group is not None:
+            raise ValueError(
+                "normalize='layer' cannot be used with process_group (flat-sharded parameters)"
             )
-            if plan is None:
-                return "a gradient or momentum buffer does not share its parameter's dense layout"
-            class_plans.append((group_index, plan))
-    return plans
+        norms = torch.stack(per_tensor_squared_norms(vectors)).sqrt()
+        finite = torch.isfinite(norms).all()
+        inverse = torch.where(finite, norms.clamp(min=eps).reciprocal(), 0.0).to(report_dtype)
+        grad_norm = norms.square().sum().sqrt().to(report_dtype)
+        return _Scale(grad_norm, finite, (~finite).to(torch.float32), list(inverse.unbind()), None)
+    local_squares = None
+    if not all(directions.decay_folded):
+        local_squares = torch.cat(
+            [
+                squared_norms([local_tensor(v) for v in group_vectors])
+                if folded
+                else decayed_squared_norms(
+                    [local_tensor(g) for g in group.grads],
+                    [local_tensor(p) for p in group.params],
+                    sign,
+                    group.weight_decay,
+                )
+                for group, group_vectors, sign, folded in zip(
+                    groups,
+                    directions.vectors,
+                    directions.signs,
+                    directions.decay_folded,
+                    strict=True,
+                )
+            ]
+        )
+    norm = global_squared_norm(vectors, process_group, local_squares).sqrt()
+    finite = torch.isfinite(norm)
+    inverse = torch.where(finite, norm.clamp(min=eps).reciprocal(), 0.0)
+    host_inverse = float(inverse) if norm.device.type == "cpu" and _on_host(vectors) else None
+    return _Scale(
+        norm.to(report_dtype),
+        finite,
+        (~finite).to(torch.float32),
+        [inverse.to(report_dtype)],
+        host_inverse,
+    )
 
 
-def _fused_sngm_triton(
-    groups: Sequence[SNGMParamGroup], plans: _TritonPlans, eps: float
-) -> SNGMStepStats:
-    """SNGM's Triton kernels: one norm launch and one update launch per bucket.
+def _on_host(tensors: Sequence[Tensor]) -> bool:
+    return not torch.compiler.is_compiling() and all(
+        local_tensor(t).device.type == "cpu" for t in tensors
+    )
 
-    `d = ±g + λw` is formed inside the kernels, so nothing is materialized and `p.grad`
-    is left as it was. The update kernels also count skipped steps and report the norm,
-    so that a step costs the host no more launches than these and one sum.
+
+class _Bucket(NamedTuple):
+    """The local tensors of one group that share a device and a dtype (one foreach call)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    params: list[Tensor]
+    grads: list[Tensor]
+    buffers: list[Tensor]  # empty without momentum
+    indices: list[int]
+    """The tensors' positions in the group."""
+
+
+def _buckets(group: SNGMParamGroup) -> list[_Bucket]:
+    """`group`'s tensors bucketed by device and dtype, by torch.optim's own (C++) helper."""
+    lists: list[list[Tensor]] = [group.params, group.grads]
+    if group.momentum_buffers:
+        lists.append(group.momentum_buffers)
+    if any_dtensor(group.params):
+        lists = [[local_tensor(t) for t in ts] for ts in lists]
+    # While compiling, the helper returns one bucket and leaves the rest to Inductor.
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        cast(list[list[Tensor | None]], lists), with_indices=True
+    )
+    buckets = []
+    for bucket_lists, indices in grouped.values():
+        params, grads, *buffers = cast(list[list[Tensor]], bucket_lists)
+        device, dtype = params[0].device, params[0].dtype
+        buckets.append(
+            _Bucket(device, dtype, params, grads, buffers[0] if buffers else [], indices)
+        )
+    return buckets
+
+
+def _first_unfusable(buckets: Iterable[_Bucket]) -> _Bucket | None:
+    """The first bucket torch's fused kernel cannot take, or None if it takes them all."""
+    supported = _get_fused_kernels_supported_devices()
+    for bucket in buckets:
+        if bucket.device.type not in supported or not bucket.dtype.is_floating_point:
+            return bucket
+    return None
+
+
+class _BucketStep(NamedTuple):
+    """What an implementation needs to update one bucket: its tensors, its vectors (the
+    gradients or `d`), the step's scalars on its device, and its group's settings."""
+
+    bucket: _Bucket
+    vectors: list[Tensor]
+    inverse_norms: list[Tensor]  # one per tensor, on the bucket's device
+    keep: Tensor  # 1.0 to take the step, 0.0 to skip it (on the bucket's device)
+    lr: float | Tensor
+    momentum: float
+    nesterov: bool
+    weight_decay: float  # still to add to the vectors: 0 when folded into them
+    maximize: bool  # the vectors still need negating
+
+
+def _bucket_steps(
+    groups: Sequence[SNGMParamGroup],
+    buckets: Sequence[list[_Bucket]],
+    directions: _Directions,
+    scale: _Scale,
+) -> Iterator[_BucketStep]:
+    """Each bucket's `_BucketStep`, with the step's scalars copied once to each device."""
+    copies: dict[tuple[int, torch.device], Tensor] = {}
+    keep_alive = []
+
+    def on(value: Tensor, device: torch.device) -> Tensor:
+        if value.device == device:
+            return value
+        key = (id(value), device)
+        if key not in copies:
+            keep_alive.append(value)  # so that its id stays unique while it is cached
+            copies[key] = value.to(device, non_blocking=True)
+        return copies[key]
+
+    start = 0
+    for group, group_buckets, vectors, sign, folded in zip(
+        groups,
+        buckets,
+        directions.vectors,
+        directions.signs,
+        directions.decay_folded,
+        strict=True,
+    ):
+        inverses = scale.inverse_norms
+        if len(inverses) > 1:
+            inverses = inverses[start : start + len(vectors)]
+        start += len(vectors)
+        for bucket in group_buckets:
+            device = bucket.device
+            if vectors is group.grads:
+                bucket_vectors = bucket.grads
+            else:
+                bucket_vectors = [local_tensor(vectors[i]) for i in bucket.indices]
+            if len(inverses) == 1:
+                bucket_inverses = [on(inverses[0], device)] * len(bucket.indices)
+            else:
+                bucket_inverses = [on(inverses[i], device) for i in bucket.indices]
+            lr = group.lr
+            if isinstance(lr, Tensor):
+                lr = on(lr, device).reshape(())
+            yield _BucketStep(
+                bucket=bucket,
+                vectors=bucket_vectors,
+                inverse_norms=bucket_inverses,
+                keep=on(scale.finite, device),
+                lr=lr,
+                momentum=group.momentum,
+                nesterov=group.nesterov,
+                weight_decay=0.0 if folded else group.weight_decay,
+                maximize=sign < 0,
+            )
+
+
+def _signed(step: _BucketStep) -> list[Tensor]:
+    """The bucket's normalized directions `d / ||d||` in new tensors (0 on a skipped step)."""
+    vectors = step.vectors
+    if step.weight_decay != 0.0:
+        grads = torch._foreach_neg(vectors) if step.maximize else vectors
+        vectors = list(torch._foreach_add(grads, step.bucket.params, alpha=step.weight_decay))
+    elif step.maximize:
+        vectors = list(torch._foreach_neg(vectors))
+    normalized = list(torch._foreach_mul(vectors, step.inverse_norms))
+    # On a skipped step the inverse norm is 0, but 0 * inf is nan: clear those.
+    for t in normalized:
+        t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return normalized
+
+
+def _single_tensor_sngm(steps: Iterable[_BucketStep], scale: _Scale, on_host: bool) -> None:
+    """One tensor at a time: the readable implementation."""
+    for step in steps:
+        if on_host and scale.host_inverse == 0.0:
+            continue  # a skipped step
+        bucket = step.bucket
+        buffers: Sequence[Tensor | None] = bucket.buffers or [None] * len(bucket.params)
+        for p, d, u, inverse in zip(
+            bucket.params, step.vectors, buffers, step.inverse_norms, strict=True
+        ):
+            direction = -d if step.maximize else d
+            if step.weight_decay != 0.0:
+                direction = direction + step.weight_decay * p
+            normalized = torch.nan_to_num(direction * inverse, nan=0.0, posinf=0.0, neginf=0.0)
+            update = normalized
+            if u is not None:
+                new_u = u * step.momentum + normalized
+                update = normalized + step.momentum * new_u if step.nesterov else new_u
+                u.copy_(torch.where(step.keep, new_u, u))
+            p.copy_(torch.where(step.keep, p - step.lr * update, p))
+
+
+def _multi_tensor_sngm(steps: Iterable[_BucketStep], scale: _Scale, on_host: bool) -> None:
+    """Foreach kernels over each bucket of tensors that share a device and a dtype."""
+    for step in steps:
+        if on_host and scale.host_inverse == 0.0:
+            continue  # a skipped step
+        bucket = step.bucket
+        scalar_dtype = torch.float64 if bucket.dtype == torch.float64 else torch.float32
+        keep = step.keep.to(scalar_dtype)
+        normalized = _signed(step)
+        update = normalized
+        if bucket.buffers:
+            torch._foreach_mul_(bucket.buffers, 1.0 + keep * (step.momentum - 1.0))
+            torch._foreach_add_(bucket.buffers, normalized)
+            update = bucket.buffers
+            if step.nesterov:
+                update = list(torch._foreach_add(normalized, bucket.buffers, alpha=step.momentum))
+        torch._foreach_add_(bucket.params, torch._foreach_mul(update, -step.lr * keep))
+
+
+def _fused_sngm(steps: Iterable[_BucketStep], scale: _Scale, on_host: bool) -> None:
+    """Torch's fused SGD kernel, fed SNGM's scale so that `p.grad` is only read.
+
+    On the CPU (`on_host`) the inverse norm is a host number and the kernel gets it in
+    one of three ways, with `λ` as its own weight decay so that `d` is never written:
+
+    * momentum, no Nesterov, float32, `1/||d|| >= 2**-24`: as its `1 - dampening`, so
+      the kernel forms `u = beta * u + d / ||d||` itself (its five passes, like SGD's);
+    * no momentum: folded into the learning rate;
+    * otherwise (Nesterov, half precision, float64, huge norms): the gradients are
+      scaled into a temporary and the kernel gets `λ/||d||` as its weight decay.
+
+    A skipped step does not call the kernel. Elsewhere (CUDA without the Triton kernels)
+    the normalized direction is formed in a temporary and the kernel's `found_inf` skips
+    the step on the device.
     """
-    from sngm_integrations import triton_sngm
-
-    device = local_tensor(groups[0].grads[0]).device
-    coefficient = [-g.weight_decay if g.maximize else g.weight_decay for g in groups]
-    local_sums = []
-    for class_groups, class_plans in plans:
-        sums = [triton_sngm.squared_norm(plan, coefficient[i]) for i, plan in class_plans]
-        local_sums.append((class_groups, sum_on(sums, device)))
-    squared = all_reduce_and_sum(local_sums, device)
-    stats = torch.empty(2, dtype=torch.float32, device=device)  # the norm and the skip flag
-    stats_written = False
-    to_device = _OnDevice()
-    for _, class_plans in plans:
-        for group_index, plan in class_plans:
-            group = groups[group_index]
-            plan_device = plan.table.device
-            lr = to_device(group.lr, plan_device) if isinstance(group.lr, Tensor) else group.lr
-            write_stats = not stats_written and plan_device == device
-            triton_sngm.update(
-                plan,
-                to_device(squared, plan_device),
-                stats if write_stats else None,
-                eps,
-                lr,
-                group.momentum,
-                group.weight_decay,
-                group.nesterov,
-                group.maximize,
-            )
-            stats_written |= write_stats
-    return SNGMStepStats(*stats.unbind())
+    for step in steps:
+        bucket = step.bucket
+        momentum_buffers = bucket.buffers  # the kernel takes none without momentum
+        kernel: dict[str, Any] = dict(
+            weight_decay=0.0,
+            momentum=step.momentum,
+            lr=step.lr,
+            dampening=0.0,
+            nesterov=step.nesterov,
+            maximize=False,
+            is_first_step=False,
+        )
+        if on_host and scale.host_inverse is not None:
+            inverse = scale.host_inverse
+            if inverse == 0.0:
+                continue  # a skipped step (or a zero-length one)
+            kernel.update(weight_decay=step.weight_decay, maximize=step.maximize)
+            grads = step.vectors
+            if (
+                step.momentum != 0.0
+                and not step.nesterov
+                and bucket.dtype == torch.float32
+                and inverse >= _MIN_HOST_INVERSE_NORM
+            ):
+                kernel["dampening"] = 1.0 - inverse
+            elif step.momentum == 0.0:
+                kernel["lr"] = step.lr * inverse
+            else:
+                grads = list(torch._foreach_mul(step.vectors, inverse))
+                kernel["weight_decay"] = step.weight_decay * inverse
+        else:
+            grads = _signed(step)
+            kernel["found_inf"] = (~step.keep).to(torch.float32)
+        torch._fused_sgd_(bucket.params, grads, momentum_buffers, **kernel)
 
 
 def _count_skips(groups: Sequence[SNGMParamGroup], found_inf: Tensor) -> None:
@@ -927,10 +907,9 @@ def _count_skips(groups: Sequence[SNGMParamGroup], found_inf: Tensor) -> None:
         return
     # All float32: torch.optim's (C++) bucketing by device and dtype buckets them by device.
     grouped = Optimizer._group_tensors_by_device_and_dtype([cast(list[Tensor | None], counters)])
-    to_device = _OnDevice()
     for (bucket,), _ in grouped.values():
         on_device = cast(list[Tensor], bucket)
-        flag = to_device(found_inf, on_device[0].device)
+        flag = found_inf.to(on_device[0].device, non_blocking=True)
         # A list, not one tensor: torch's foreach add of a tensor scalar reads the scalar
         # on the host on CUDA (a synchronisation, and an error in graph capture).
         torch._foreach_add_(on_device, [flag] * len(on_device))

@@ -18,8 +18,10 @@ for SNGM; `p.grad` is left untouched. Every launch covers all tensors of its buc
 program handles one chunk of one tensor, found through a table of data pointers that
 is copied to the device once and reused while the tensors stay where they are.
 
-Used by `sngm_integrations.sngm` for parameters on CUDA in float32, float16 or bfloat16
-with `normalize="global"`, when Triton is installed. With `TRITON_INTERPRET=1` the same
+`fused_step` is the one entry point: `sngm_integrations.sngm` hands it the fused steps of
+parameters on CUDA (float32, float16 or bfloat16, `normalize="global"`) and it takes them,
+or says it cannot, in which case torch's fused kernel does. The norm is accumulated in
+float64, so every finite gradient gives a finite norm. With `TRITON_INTERPRET=1` the same
 kernels run on CPU tensors through Triton's interpreter, which is how the CPU tests hold
 them against the reference.
 """
@@ -27,11 +29,24 @@ them against the reference.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from sngm_integrations.distributed import (
+    all_reduce_and_sum,
+    any_dtensor,
+    local_tensor,
+    reduction_classes,
+    sum_on,
+)
+
+if TYPE_CHECKING:
+    from sngm_integrations.sngm import SNGMParamGroup
 
 try:
     import triton
@@ -42,6 +57,8 @@ except ImportError:  # Triton ships with torch's CUDA builds only
 __all__ = [
     "AVAILABLE",
     "BucketPlan",
+    "PlanCache",
+    "fused_step",
     "plan_bucket",
     "squared_norm",
     "supports",
@@ -99,6 +116,7 @@ if AVAILABLE:
         d = _load(g_ptr, index, end, MASKED)
         if HAS_WEIGHT_DECAY:
             d += coefficient * _load(w_ptr, index, end, MASKED)
+        d = d.to(tl.float64)  # squares of finite float32 values cannot overflow float64
         return d * d
 
     @triton.jit
@@ -115,7 +133,7 @@ if AVAILABLE:
     ):
         w_ptr, g_ptr, _, start, end = _chunk(table, chunks, DTYPE, ALIGNED, CHUNK)
         full_end = start + (end - start) // BLOCK * BLOCK
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
         for block in range(0, (full_end - start) // BLOCK):  # whole blocks: no mask
             index = start + block * BLOCK + tl.arange(0, BLOCK)
             acc += _squared_block(
@@ -182,15 +200,15 @@ if AVAILABLE:
         BLOCK: tl.constexpr,
         CHUNK: tl.constexpr,
     ):
-        norm = tl.sqrt_rn(tl.load(squared_norm).to(tl.float32))
-        finite = norm <= 3.4028234663852886e38  # float32's largest: false for inf and nan
+        norm = tl.sqrt(tl.load(squared_norm).to(tl.float64))
+        finite = norm <= 1.7976931348623157e308  # float64's largest: false for inf and nan
         if WRITE_STATS:  # noqa: SIM102 (a compile-time branch around a run-time one)
             if tl.program_id(0) == 0:
-                tl.store(stats, norm)
+                tl.store(stats, norm.to(tl.float32))
                 tl.store(stats + 1, 1.0 - finite.to(tl.float32))
         if finite:
             w_ptr, g_ptr, u_ptr, start, end = _chunk(table, chunks, DTYPE, ALIGNED, CHUNK)
-            scale = tl.div_rn(1.0, tl.maximum(norm, eps))
+            scale = (1.0 / tl.maximum(norm, eps)).to(tl.float32)
             step_size = lr
             if LR_IS_TENSOR:
                 step_size = tl.load(lr_tensor).to(tl.float32)
@@ -290,8 +308,8 @@ def _counter_pointers(skip_counters: Sequence[Tensor], device: torch.device) -> 
 
 
 def squared_norm(plan: BucketPlan, weight_decay_coefficient: float) -> Tensor:
-    """Sum of `(g + c * w)^2` over the bucket, in float32, as a 0-dim device tensor."""
-    partials = torch.empty(plan.num_chunks, dtype=torch.float32, device=plan.table.device)
+    """Sum of `(g + c * w)^2` over the bucket, in float64, as a 0-dim device tensor."""
+    partials = torch.empty(plan.num_chunks, dtype=torch.float64, device=plan.table.device)
     _squared_norm_kernel[(plan.num_chunks,)](
         plan.table,
         plan.chunks,
@@ -320,6 +338,7 @@ def update(
 ) -> None:
     """One SNGM update of the bucket's w and u, given the squared global norm on the device.
 
+    `squared_norm` is float64 (the kernel takes the norm's root and inverse in float64).
     The kernel divides by `max(||d||, eps)` itself; when the norm is not finite it leaves
     w and u alone and increments the bucket's skip counters. Given `stats` (two float32
     elements on the device), it writes the norm and the skip flag (1.0 or 0.0) there.
@@ -348,3 +367,178 @@ def update(
         CHUNK=CHUNK,
         num_warps=NUM_WARPS,
     )
+
+
+class PlanCache:
+    """A few recent steps' plans (or the reason the kernels could not take them), by key.
+
+    The key names the step's tensors by their addresses, so a plan is reused for as long
+    as the parameters, gradients and momentum buffers stay where they are, which they do
+    from step to step once the caching allocator has settled.
+    """
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self._entries: dict[Hashable, object] = {}
+        self._max_entries = max_entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> object | None:
+        return self._entries.get(key)
+
+    def put(self, key: Hashable, value: object) -> None:
+        if len(self._entries) >= self._max_entries:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = value
+
+
+_StepPlan = list[tuple[list[dist.ProcessGroup], list[tuple[int, BucketPlan]]]]
+"""For each reduction class: the groups its squared sum is all-reduced over, and its
+buckets as (group index, plan) pairs."""
+
+
+def fused_step(
+    groups: Sequence[SNGMParamGroup],
+    normalize: str,
+    eps: float,
+    process_group: dist.ProcessGroup | None,
+    backend: str,
+    cache: PlanCache | None,
+) -> tuple[Tensor, Tensor] | None:
+    """Take SNGM's step with these kernels, or return None when they cannot take it.
+
+    One norm launch per bucket, one sum (and all-reduce where the tensors are sharded),
+    then one update launch per bucket. `d = ±g + λw` is formed inside the kernels, so
+    nothing is materialized and `p.grad` is left as it was; the update kernels also count
+    skipped steps into the groups' skip counters and write the norm and skip flag out.
+    With `backend="triton"` a step the kernels cannot take raises a RuntimeError instead.
+
+    Returns:
+        The step's gradient norm and skip flag (float32 device tensors), or None.
+    """
+    plans = _step_plan(groups, normalize, process_group, backend, cache)
+    if plans is None:
+        return None
+    device = local_tensor(groups[0].grads[0]).device
+    coefficient = [-g.weight_decay if g.maximize else g.weight_decay for g in groups]
+    local_sums = []
+    for class_groups, class_plans in plans:
+        sums = [squared_norm(plan, coefficient[i]) for i, plan in class_plans]
+        local_sums.append((class_groups, sum_on(sums, device)))
+    squared = all_reduce_and_sum(local_sums, device)
+    stats = torch.empty(2, dtype=torch.float32, device=device)  # the norm and the skip flag
+    stats_written = False
+    for _, class_plans in plans:
+        for group_index, plan in class_plans:
+            group = groups[group_index]
+            plan_device = plan.table.device
+            lr = group.lr.to(plan_device) if isinstance(group.lr, Tensor) else group.lr
+            write_stats = not stats_written and plan_device == device
+            update(
+                plan,
+                squared.to(plan_device),
+                stats if write_stats else None,
+                eps,
+                lr.reshape(()) if isinstance(lr, Tensor) else lr,
+                group.momentum,
+                group.weight_decay,
+                group.nesterov,
+                group.maximize,
+            )
+            stats_written |= write_stats
+    norm, found_inf = stats.unbind()
+    return norm, found_inf
+
+
+def _step_plan(
+    groups: Sequence[SNGMParamGroup],
+    normalize: str,
+    process_group: dist.ProcessGroup | None,
+    backend: str,
+    cache: PlanCache | None,
+) -> _StepPlan | None:
+    """This step's plan, or None when the kernels cannot take it (see `fused_step`).
+
+    A step's plan, or the reason it has none, is cached under the addresses of all its
+    tensors, so that a step like the last one costs only building that key.
+    """
+
+    def unavailable(reason: str) -> _StepPlan | None:
+        if backend == "triton":
+            raise RuntimeError(f"fused_backend='triton' cannot take this step: {reason}")
+        return None
+
+    if normalize != "global":
+        return unavailable(f"normalize={normalize!r} (the kernels take 'global' only)")
+    if not AVAILABLE:
+        return unavailable("Triton is not installed")
+    full_grads = [g for group in groups for g in group.grads]
+    params = [p for group in groups for p in group.params]
+    # Without momentum there is no buffer; the kernels never read that column then.
+    buffers = [u for group in groups for u in group.momentum_buffers or group.params]
+    counters = [c for group in groups for c in group.skip_counters or ()]
+    grads = full_grads
+    if any_dtensor(full_grads):
+        params, grads, buffers = ([local_tensor(t) for t in ts] for ts in (params, grads, buffers))
+    key = (
+        tuple(map(Tensor.data_ptr, params)),
+        tuple(map(Tensor.data_ptr, grads)),
+        tuple(map(Tensor.data_ptr, buffers)),
+        tuple(map(Tensor.data_ptr, counters)),
+        tuple(map(Tensor.numel, grads)),
+        tuple((len(group.params), group.skip_counters is None) for group in groups),
+        id(process_group),
+        backend,
+    )
+    found = cache.get(key) if cache is not None else None
+    if found is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # A plan's tables are copied from host memory that is reused after the copy;
+            # a graph must not record that copy.
+            return unavailable("a CUDA graph is being captured before any eager step")
+        found = _plan_step(groups, full_grads, params, grads, buffers, process_group, backend)
+        if cache is not None:
+            cache.put(key, found)
+    if isinstance(found, str):
+        return unavailable(found)
+    return cast(_StepPlan, found)
+
+
+def _plan_step(
+    groups: Sequence[SNGMParamGroup],
+    full_grads: list[Tensor],
+    params: list[Tensor],
+    grads: list[Tensor],
+    buffers: list[Tensor],
+    process_group: dist.ProcessGroup | None,
+    backend: str,
+) -> _StepPlan | str:
+    """Bucket the step's local tensors by reduction class, group and dtype, and build each
+    bucket's tables; or say why the kernels cannot take the step."""
+    for p in params:
+        if not supports(p) or (backend == "auto" and not p.is_cuda):
+            return f"a {p.dtype} parameter on {p.device}"
+    group_of = [i for i, group in enumerate(groups) for _ in group.params]
+    counter_of: list[Tensor | None] = []
+    for group in groups:
+        counter_of += group.skip_counters or [None] * len(group.params)
+    plans: _StepPlan = []
+    for class_groups, indices in reduction_classes(full_grads, process_group):
+        buckets: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
+        for i in indices:
+            buckets.setdefault((group_of[i], params[i].device, params[i].dtype), []).append(i)
+        class_plans: list[tuple[int, BucketPlan]] = []
+        plans.append((class_groups, class_plans))
+        for (group_index, _, _), members in buckets.items():
+            counts_skips = groups[group_index].skip_counters is not None
+            plan = plan_bucket(
+                [params[i] for i in members],
+                [grads[i] for i in members],
+                [buffers[i] for i in members],
+                [cast(Tensor, counter_of[i]) for i in members] if counts_skips else None,
+            )
+            if plan is None:
+                return "a gradient or momentum buffer does not share its parameter's dense layout"
+            class_plans.append((group_index, plan))
+    return plans

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import CUDA_IMPLEMENTATIONS, seeded_grads
 
 from sngm_integrations import SNGM, ReferenceSNGM
 
@@ -20,12 +21,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-IMPLEMENTATIONS = {
-    "single": dict(foreach=False, fused=False),
-    "foreach": dict(foreach=True),
-    "fused": dict(fused=True),
-    "fused-torch": dict(fused=True, fused_backend="torch"),
-}
+IMPLEMENTATIONS = CUDA_IMPLEMENTATIONS
 
 
 def make_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
@@ -34,18 +30,13 @@ def make_params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(s, generator=g).to("cuda", dtype)) for s in shapes]
 
 
-def grads_for(step: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in params]
-
-
 def run(optimizer_cls: type, dtype: torch.dtype, steps: int = 10, **kwargs: Any) -> torch.Tensor:
     params = make_params(dtype)
     optimizer = optimizer_cls(
         [{"params": params[:2]}, {"params": params[2:], "lr": 0.05, "weight_decay": 0.0}], **kwargs
     )
     for step in range(steps):
-        for p, grad in zip(params, grads_for(step, params), strict=False):
+        for p, grad in zip(params, seeded_grads(params, step), strict=False):
             p.grad = grad
         optimizer.step()
     return torch.cat([p.detach().float().flatten() for p in params])
@@ -72,7 +63,7 @@ def test_cuda_paths_match_the_reference(
 def test_step_never_synchronises_with_the_host(implementation: str) -> None:
     params = make_params(torch.float32)
     optimizer = SNGM(params, lr=0.1, weight_decay=0.01, **IMPLEMENTATIONS[implementation])
-    for p, grad in zip(params, grads_for(0, params), strict=False):
+    for p, grad in zip(params, seeded_grads(params, 0), strict=False):
         p.grad = grad
     optimizer.step()  # allocates the state outside the check
     torch.cuda.synchronize()
@@ -88,7 +79,7 @@ def test_step_never_synchronises_with_the_host(implementation: str) -> None:
 def test_non_finite_gradient_is_skipped_on_the_device(implementation: str) -> None:
     params = make_params(torch.float32)
     optimizer = SNGM(params, lr=0.1, **IMPLEMENTATIONS[implementation])
-    for p, grad in zip(params, grads_for(0, params), strict=False):
+    for p, grad in zip(params, seeded_grads(params, 0), strict=False):
         p.grad = grad
     optimizer.step()
     before = [p.detach().clone() for p in params]
@@ -126,7 +117,7 @@ def test_step_can_be_captured_in_a_cuda_graph(implementation: str) -> None:
 
     for step in range(5):
         for p, grad, static in zip(
-            eager_params, grads_for(step, eager_params), static_grads, strict=False
+            eager_params, seeded_grads(eager_params, step), static_grads, strict=False
         ):
             p.grad = grad.clone()
             static.copy_(grad)
@@ -150,11 +141,52 @@ def test_compiled_step_matches_eager(implementation: str) -> None:
 
     for step in range(4):
         for params in (eager_params, compiled_params):
-            for p, grad in zip(params, grads_for(step, params), strict=False):
+            for p, grad in zip(params, seeded_grads(params, step), strict=False):
                 p.grad = grad
         eager.step()
         compiled_step()
         assert compiled.last_grad_norm is not None
         torch.testing.assert_close(compiled.last_grad_norm, eager.last_grad_norm)
     for a, b in zip(eager_params, compiled_params, strict=False):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gradient_in_another_layout_falls_back_to_torchs_kernel() -> None:
+    p = torch.nn.Parameter(torch.randn(6, 4, device="cuda"))
+    q = torch.nn.Parameter(p.detach().clone())
+    p.grad = torch.randn(4, 6, device="cuda").t()  # the transposed layout of p's
+    q.grad = p.grad.contiguous()
+    optimizer = SNGM([p], lr=0.1)  # fused_backend="auto": no error, torch's kernel steps
+    reference = ReferenceSNGM([q], lr=0.1)
+    optimizer.step()
+    reference.step()
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert optimizer._triton_plans is not None
+    (reason,) = optimizer._triton_plans._entries.values()
+    assert isinstance(reason, str) and "layout" in reason
+
+
+def test_a_graph_captured_before_any_eager_step_uses_torchs_kernel() -> None:
+    params = make_params(torch.float32)
+    twins = make_params(torch.float32)
+    optimizer = SNGM(params, lr=0.1, weight_decay=0.01)
+    reference = SNGM(twins, lr=0.1, weight_decay=0.01, foreach=True)
+    static_grads = [torch.zeros_like(p) for p in params]
+    for p, grad in zip(params, static_grads, strict=True):
+        p.grad = grad
+    optimizer.state.clear()
+    for p in params:  # the state exists before the capture, but no Triton plan does
+        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        optimizer.state[p]["skipped_steps"] = torch.zeros((), device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        optimizer.step()
+    for step in range(3):
+        for static, twin, grad in zip(static_grads, twins, seeded_grads(params, step), strict=True):
+            static.copy_(grad)
+            twin.grad = grad.clone()
+        graph.replay()
+        reference.step()
+    torch.cuda.synchronize()
+    for a, b in zip(params, twins, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

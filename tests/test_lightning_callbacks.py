@@ -168,7 +168,7 @@ def test_param_groups_exempt_biases_and_norm_layers() -> None:
 @pytest.mark.parametrize(
     ("hparams", "message"),
     [
-        ({"momentum": 0.9}, "needs an `lr` hyperparameter"),
+        ({"momentum": 0.9}, "needs an `lr` (or `learning_rate`) hyperparameter"),
         ({"lr": 1.0, "schedule": "step"}, "schedule='step'"),
         ({"lr": 1.0, "lr_scaling": "cubic"}, "lr_scaling='cubic'"),
         ({"lr": 1.0, "lr_scaling": "sqrt"}, "reference_batch_size=None"),
@@ -193,7 +193,7 @@ def test_lr_scaling_uses_the_effective_batch(tmp_path: Path, rule: str, factor: 
     scheduler = trainer.lr_scheduler_configs[0]
     assert scheduler.interval == "step"
     # 32 samples / 8 per step = 4 steps, half of them warmup.
-    assert scheduler.scheduler.lr_lambdas[0].warmup_steps == 2  # type: ignore[attr-defined]
+    assert scheduler.scheduler.multiplier.warmup_steps == 2  # type: ignore[attr-defined]
     assert trainer.global_step == 4
 
 

@@ -36,7 +36,7 @@ def test_scheduler_drives_the_optimizer_lr_and_survives_a_pickle() -> None:
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.8)
-    assert pickle.loads(pickle.dumps(scheduler.lr_lambdas[0]))(4) == pytest.approx(1.0)
+    assert pickle.loads(pickle.dumps(scheduler.multiplier))(4) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(

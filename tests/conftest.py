@@ -1,0 +1,45 @@
+"""Helpers shared by the optimizer tests: the implementations to hold against each other,
+seeded gradients and flattened weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterable
+
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+IMPLEMENTATIONS: dict[str, dict[str, object]] = {
+    "single": dict(foreach=False, fused=False),
+    "foreach": dict(foreach=True),
+    "fused": dict(fused=True),
+}
+"""The CPU implementations: the per-tensor loop, foreach kernels, torch's fused kernel."""
+
+CUDA_IMPLEMENTATIONS = IMPLEMENTATIONS | {"fused-torch": dict(fused=True, fused_backend="torch")}
+"""On CUDA "fused" is SNGM's Triton kernels where they apply; "fused-torch" is torch's."""
+
+
+def seeded_grads(
+    params: Iterable[torch.Tensor], seed: int, scale: float = 1.0
+) -> list[torch.Tensor]:
+    """Normal gradients for `params`, the same for the same seed on every device and dtype."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(p.shape, generator=g) * scale).to(p.device, p.dtype) for p in params]
+
+
+def set_grads(params: Iterable[torch.Tensor], seed: int, scale: float = 1.0) -> None:
+    """Give every parameter a fresh `seeded_grads` gradient."""
+    params = list(params)
+    for p, grad in zip(params, seeded_grads(params, seed, scale), strict=True):
+        p.grad = grad
+
+
+def flat(tensors: torch.nn.Module | Iterable[torch.Tensor]) -> torch.Tensor:
+    """The tensors (a module's parameters) as one detached 1-D tensor."""
+    if isinstance(tensors, torch.nn.Module):
+        tensors = tensors.parameters()
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
