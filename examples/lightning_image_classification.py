@@ -1,17 +1,17 @@
 """Large-batch Fashion-MNIST with Lightning: SNGM against momentum SGD (MSGD).
 
-Trains a ResNet-20 (``sngm_integrations.vision.resnet20``) with SNGM and with
-``torch.optim.SGD`` (MSGD) for the same number of epochs at the same large batch, then
+Trains a ResNet-20 (`sngm_integrations.vision.resnet20`) with SNGM and with
+`torch.optim.SGD` (MSGD) for the same number of epochs at the same large batch, then
 prints the test accuracy of both. Both runs use the same module (`SNGMMixin`
 supplies warmup, cosine decay and weight-decay groups; MSGD only swaps the optimizer),
-Lightning's progress bar, a CSV log under ``--log-dir`` and `SNGMMonitor`. Before
+Lightning's progress bar, a CSV log under `--log-dir` and `SNGMMonitor`. Before
 testing, BatchNorm statistics are recomputed on the training images
-(``torch.optim.swa_utils.update_bn``): after a few dozen steps the running averages still
+(`torch.optim.swa_utils.update_bn`): after a few dozen steps the running averages still
 lag behind the weights, for both optimizers alike.
 
 The defaults are sized for a CPU: a narrow network (width 8 instead of 16) and an
 8,192-image training subset, so that both runs finish in about six minutes on two cores. The
-full setting is a flag away::
+full setting is a flag away:
 
     python examples/lightning_image_classification.py                      # CPU defaults
     python examples/lightning_image_classification.py --train-subset 0 --width 16 \\
@@ -19,8 +19,8 @@ full setting is a flag away::
 
 MSGD's learning rate follows the linear scaling rule from 0.1 at batch 128, the usual
 practice; SNGM's is used as given, since its step length does not grow with the batch.
-Fashion-MNIST is read offline from Debian's ``dataset-fashion-mnist`` package
-(``/usr/share/datasets/fashion-mnist``) or ``FASHION_MNIST_DIR``; otherwise torchvision
+Fashion-MNIST is read offline from Debian's `dataset-fashion-mnist` package
+(`/usr/share/datasets/fashion-mnist`) or `FASHION_MNIST_DIR`; otherwise torchvision
 downloads it, and without either the script says what to install.
 """
 
@@ -54,7 +54,7 @@ class FashionMNISTData(pl.LightningDataModule):
 
     Args:
         batch_size: Per-device training batch size.
-        train_subset: Training images to use (0: all 60,000), drawn once with ``seed``.
+        train_subset: Training images to use (0: all 60,000), drawn once with `seed`.
         test_subset: Test images to use (0: all 10,000), the first ones.
         seed: Seed of the subset and of the shuffling.
         root: Folder with the original files; the standard places are searched without it.
@@ -97,7 +97,7 @@ class FashionMNISTData(pl.LightningDataModule):
 
 
 class FashionClassifier(SNGMMixin, pl.LightningModule):
-    """ResNet-20 trained with SNGM (``optimizer="sngm"``) or momentum SGD (``"msgd"``)."""
+    """ResNet-20 trained with SNGM (`optimizer="sngm"`) or momentum SGD (`"msgd"`)."""
 
     def __init__(
         self,

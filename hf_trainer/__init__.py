@@ -1,4 +1,4 @@
-"""SNGM for the Hugging Face ``Trainer``: ``TrainingArguments(optim="sngm")``.
+"""SNGM for the Hugging Face `Trainer`: `TrainingArguments(optim="sngm")`.
 
 Importing this package registers the name (see `register`):
 
@@ -10,10 +10,10 @@ Importing this package registers the name (see `register`):
     )
     Trainer(model=model, args=args, train_dataset=train_dataset).train()
 
-Unmodified scripts that parse ``TrainingArguments`` run with the name registered through
-``python -m hf_trainer SCRIPT ARGS...`` (see `hf_trainer.__main__`). To use SNGM without
-registering anything, pass ``hf_trainer_optim.get_sngm_cls_and_kwargs(args)`` to
-``Trainer(optimizer_cls_and_kwargs=...)`` and do not import this package.
+Unmodified scripts that parse `TrainingArguments` run with the name registered through
+`python -m hf_trainer SCRIPT ARGS...` (see `hf_trainer.__main__`). To use SNGM without
+registering anything, pass `hf_trainer_optim.get_sngm_cls_and_kwargs(args)` to
+`Trainer(optimizer_cls_and_kwargs=...)` and do not import this package.
 """
 
 from hf_trainer.callback import SNGMMonitorCallback, add_sngm_monitor

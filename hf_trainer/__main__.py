@@ -1,4 +1,4 @@
-"""Run a training script with ``optim="sngm"`` registered.
+"""Run a training script with `optim="sngm"` registered.
 
 Usage:
 
@@ -6,14 +6,14 @@ Usage:
     python -m hf_trainer [--sngm-monitor] -m MODULE [ARGS...]
     accelerate launch -m hf_trainer SCRIPT [ARGS...]
 
-The script runs as ``__main__`` with ``sys.argv = [SCRIPT, *ARGS]`` and its directory first
-on ``sys.path``, as ``python SCRIPT ARGS`` would run it, so an unmodified Hugging Face
-example (``run_glue.py``, ``run_clm.py``, ...) accepts ``--optim sngm``. Its exit status
-(``sys.exit(n)`` or an exception) becomes this command's.
+The script runs as `__main__` with `sys.argv = [SCRIPT, *ARGS]` and its directory first
+on `sys.path`, as `python SCRIPT ARGS` would run it, so an unmodified Hugging Face
+example (`run_glue.py`, `run_clm.py`, ...) accepts `--optim sngm`. Its exit status
+(`sys.exit(n)` or an exception) becomes this command's.
 
-``--sngm-monitor`` (or the environment variable ``SNGM_MONITOR=1``) adds
-`hf_trainer.SNGMMonitorCallback` to every ``Trainer`` the script builds, ahead of its
-reporters, and says at the start of training at which steps the ``sngm/*`` values will
+`--sngm-monitor` (or the environment variable `SNGM_MONITOR=1`) adds
+`hf_trainer.SNGMMonitorCallback` to every `Trainer` the script builds, ahead of its
+reporters, and says at the start of training at which steps the `sngm/*` values will
 be logged.
 """
 
@@ -40,7 +40,7 @@ _MONITOR_WRAPPED_MARKER = "__sngm_monitor_wraps__"
 
 
 def help_text() -> str:
-    """The ``--help`` text: usage, the options of this launcher and SNGM's ``optim_args``."""
+    """The `--help` text: usage, the options of this launcher and SNGM's `optim_args`."""
     keys = "\n".join(f"  {key:<14} {arg.kind}" for key, arg in ACCEPTED_OPTIM_ARGS.items())
     return (
         f"{USAGE}\n\n{(__doc__ or '').strip()}\n\n"
@@ -58,7 +58,7 @@ class MonitorScheduleNotice(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Print the steps of the first ``sngm/*`` log, or why there will be none."""
+        """Print the steps of the first `sngm/*` log, or why there will be none."""
         if not state.is_world_process_zero:
             return
         strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
@@ -80,7 +80,7 @@ class MonitorScheduleNotice(TrainerCallback):
 
 
 def enable_monitor() -> None:
-    """Make every ``Trainer`` built in this process add the SNGM monitor; safe to call again."""
+    """Make every `Trainer` built in this process add the SNGM monitor; safe to call again."""
     original = Trainer.__init__
     if hasattr(original, _MONITOR_WRAPPED_MARKER):
         return
@@ -96,10 +96,10 @@ def enable_monitor() -> None:
 
 
 def main(argv: list[str]) -> None:
-    """Run ``argv[0]`` (a script path, or ``-m MODULE``) as ``__main__``, SNGM registered.
+    """Run `argv[0]` (a script path, or `-m MODULE`) as `__main__`, SNGM registered.
 
     Args:
-        argv: The command line after ``python -m hf_trainer``.
+        argv: The command line after `python -m hf_trainer`.
     """
     if not argv or argv[0] in ("-h", "--help"):
         print(help_text(), file=sys.stderr if not argv else sys.stdout)

@@ -1,9 +1,9 @@
-"""Adding a member to an existing ``str`` Enum (``transformers``' ``OptimizerNames``).
+"""Adding a member to an existing `str` Enum (`transformers`' `OptimizerNames`).
 
 The standard library has no public way to extend an Enum after its class is built. This
-module performs the same steps ``enum`` performs for a member declared in the class body
-(Python 3.10 to 3.13), so that value lookup, iteration, ``__members__``, attribute access,
-pickling and ``copy`` all treat the new member like the original ones.
+module performs the same steps `enum` performs for a member declared in the class body
+(Python 3.10 to 3.13), so that value lookup, iteration, `__members__`, attribute access,
+pickling and `copy` all treat the new member like the original ones.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ __all__ = ["add_str_enum_member"]
 
 
 def add_str_enum_member(enum_cls: type[Enum], name: str, value: str) -> Enum:
-    """Add ``name = value`` to ``enum_cls`` and return the member; return it if it exists.
+    """Add `name = value` to `enum_cls` and return the member; return it if it exists.
 
     Args:
-        enum_cls: An Enum whose members are ``str`` (``class E(str, Enum)``) and that
-            defines no ``__new__`` of its own.
-        name: The member's name (``E.NAME``).
-        value: The member's value (``E("value")``).
+        enum_cls: An Enum whose members are `str` (`class E(str, Enum)`) and that
+            defines no `__new__` of its own.
+        name: The member's name (`E.NAME`).
+        value: The member's value (`E("value")`).
 
     Raises:
-        TypeError: ``enum_cls`` is not a plain ``str`` Enum.
-        ValueError: ``name`` or ``value`` is already taken by a different member.
+        TypeError: `enum_cls` is not a plain `str` Enum.
+        ValueError: `name` or `value` is already taken by a different member.
     """
     existing = enum_cls._value2member_map_.get(value)
     if existing is not None:

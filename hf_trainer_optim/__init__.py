@@ -1,8 +1,8 @@
-"""SNGM's optimizer class and keyword arguments for the Hugging Face ``Trainer``, unpatched.
+"""SNGM's optimizer class and keyword arguments for the Hugging Face `Trainer`, unpatched.
 
-Importing this package changes nothing in ``transformers``. The pair it builds goes to
-``Trainer(optimizer_cls_and_kwargs=...)`` (transformers 4.47 and later), with the same
-weight-decay parameter groups and ``optim_args`` parsing as ``optim="sngm"``:
+Importing this package changes nothing in `transformers`. The pair it builds goes to
+`Trainer(optimizer_cls_and_kwargs=...)` (transformers 4.47 and later), with the same
+weight-decay parameter groups and `optim_args` parsing as `optim="sngm"`:
 
     from hf_trainer_optim import get_sngm_cls_and_kwargs
     from transformers import Trainer, TrainingArguments
@@ -15,7 +15,7 @@ weight-decay parameter groups and ``optim_args`` parsing as ``optim="sngm"``:
         optimizer_cls_and_kwargs=get_sngm_cls_and_kwargs(args, momentum=0.9),
     )
 
-``hf_trainer`` uses the same functions for ``TrainingArguments(optim="sngm")``.
+`hf_trainer` uses the same functions for `TrainingArguments(optim="sngm")`.
 """
 
 from hf_trainer_optim.optim_args import (

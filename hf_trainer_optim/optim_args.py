@@ -1,8 +1,8 @@
-"""Typed parsing of ``TrainingArguments.optim_args`` for ``optim="sngm"``.
+"""Typed parsing of `TrainingArguments.optim_args` for `optim="sngm"`.
 
-``optim_args`` arrives as one string, ``"momentum=0.9,nesterov=true,normalize=layer"``.
+`optim_args` arrives as one string, `"momentum=0.9,nesterov=true,normalize=layer"`.
 Each key is checked against the SNGM keyword arguments the Trainer may set, converted to
-its type and checked against its range; anything else is a ``ValueError`` that names the
+its type and checked against its range; anything else is a `ValueError` that names the
 key and lists the keys accepted, before any training step runs.
 """
 
@@ -81,7 +81,7 @@ ACCEPTED_OPTIM_ARGS: dict[str, _OptimArg] = {
     "fused": _OptimArg(_to_bool, "bool"),
     "fused_backend": _OptimArg(_to_fused_backend, "|".join(FUSED_BACKENDS)),
 }
-"""Keys of ``optim_args`` for SNGM, each with its converter and a description of its range."""
+"""Keys of `optim_args` for SNGM, each with its converter and a description of its range."""
 
 # Keys the Trainer sets from its own arguments; accepting them here would be ignored or
 # would contradict the TrainingArguments field.
@@ -93,7 +93,7 @@ _SET_BY_TRAINER = {
 
 
 def accepted_keys_text() -> str:
-    """The accepted keys with their ranges, ``"momentum (float in [0, 1)), ..."``."""
+    """The accepted keys with their ranges, `"momentum (float in [0, 1)), ..."`."""
     return ", ".join(f"{key} ({arg.kind})" for key, arg in ACCEPTED_OPTIM_ARGS.items())
 
 
@@ -132,11 +132,11 @@ def check_sngm_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """Check SNGM keyword arguments given as Python values; return them converted.
 
     Args:
-        options: Keyword arguments such as ``{"momentum": 0.9, "nesterov": True}``, with the
+        options: Keyword arguments such as `{"momentum": 0.9, "nesterov": True}`, with the
             keys of `ACCEPTED_OPTIM_ARGS`.
 
     Raises:
-        ValueError: A key is unknown or set by a ``TrainingArguments`` field, or a value is
+        ValueError: A key is unknown or set by a `TrainingArguments` field, or a value is
             of the wrong type or out of range. The message names it.
     """
     checked = {key: _convert(key, value, "option") for key, value in options.items()}
@@ -145,18 +145,18 @@ def check_sngm_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_sngm_optim_args(optim_args: str | None) -> dict[str, Any]:
-    """Turn ``"k=v,k=v"`` into SNGM keyword arguments with real types.
+    """Turn `"k=v,k=v"` into SNGM keyword arguments with real types.
 
     Args:
-        optim_args: The ``optim_args`` string of ``TrainingArguments`` (``None`` or empty
+        optim_args: The `optim_args` string of `TrainingArguments` (`None` or empty
             for none). Spaces around keys and values are ignored.
 
     Returns:
-        A dict such as ``{"momentum": 0.9, "nesterov": True, "normalize": "layer"}``.
+        A dict such as `{"momentum": 0.9, "nesterov": True, "normalize": "layer"}`.
 
     Raises:
-        ValueError: An item is not ``key=value``, a key is unknown, repeated, or set by a
-            ``TrainingArguments`` field, or a value cannot be converted or is out of range.
+        ValueError: An item is not `key=value`, a key is unknown, repeated, or set by a
+            `TrainingArguments` field, or a value cannot be converted or is out of range.
             The message names the item and lists the accepted keys.
     """
     parsed: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""SNGM's class and keyword arguments for a ``Trainer``, from its ``TrainingArguments``."""
+"""SNGM's class and keyword arguments for a `Trainer`, from its `TrainingArguments`."""
 
 from __future__ import annotations
 
@@ -48,15 +48,15 @@ def _warn_once_if_adamw_like(learning_rate: float) -> None:
 
 
 def check_sngm_training_args(args: Any) -> dict[str, Any]:
-    """Check the SNGM settings of ``TrainingArguments``; return the parsed ``optim_args``.
+    """Check the SNGM settings of `TrainingArguments`; return the parsed `optim_args`.
 
-    Warns once per learning rate when ``args.learning_rate`` looks like an AdamW rate.
+    Warns once per learning rate when `args.learning_rate` looks like an AdamW rate.
 
     Args:
-        args: The Trainer's arguments (``TrainingArguments`` or a subclass).
+        args: The Trainer's arguments (`TrainingArguments` or a subclass).
 
     Raises:
-        ValueError: ``args.optim_args`` holds an unknown key or a bad or out-of-range value.
+        ValueError: `args.optim_args` holds an unknown key or a bad or out-of-range value.
     """
     parsed = parse_sngm_optim_args(args.optim_args)
     _warn_once_if_adamw_like(args.learning_rate)
@@ -64,12 +64,12 @@ def check_sngm_training_args(args: Any) -> dict[str, Any]:
 
 
 def get_sngm_cls_and_kwargs(args: Any, **options: Any) -> tuple[type[SNGM], dict[str, Any]]:
-    """The optimizer class and keyword arguments for SNGM under ``args``.
+    """The optimizer class and keyword arguments for SNGM under `args`.
 
-    ``lr`` comes from ``args.learning_rate``, the rest from ``args.optim_args`` and then
-    ``options``. Weight decay is not a keyword here: ``Trainer.create_optimizer`` puts
-    ``args.weight_decay`` (or 0 for biases and norm layers) into each parameter group,
-    for ``optim="sngm"`` and for ``Trainer(optimizer_cls_and_kwargs=...)`` alike:
+    `lr` comes from `args.learning_rate`, the rest from `args.optim_args` and then
+    `options`. Weight decay is not a keyword here: `Trainer.create_optimizer` puts
+    `args.weight_decay` (or 0 for biases and norm layers) into each parameter group,
+    for `optim="sngm"` and for `Trainer(optimizer_cls_and_kwargs=...)` alike:
 
         trainer = Trainer(
             model=model,
@@ -81,10 +81,10 @@ def get_sngm_cls_and_kwargs(args: Any, **options: Any) -> tuple[type[SNGM], dict
     Args:
         args: The Trainer's arguments.
         **options: SNGM keyword arguments (the keys of `ACCEPTED_OPTIM_ARGS`); they
-            override the same keys of ``args.optim_args``.
+            override the same keys of `args.optim_args`.
 
     Raises:
-        ValueError: ``args.optim_args`` or ``options`` hold an unknown key or a bad value.
+        ValueError: `args.optim_args` or `options` hold an unknown key or a bad value.
     """
     kwargs: dict[str, Any] = {"lr": args.learning_rate}
     kwargs.update(check_sngm_training_args(args))

@@ -15,7 +15,7 @@ _warned_trainers: weakref.WeakSet[pl.Trainer] = weakref.WeakSet()
 
 
 def warn_if_norm_clipping(trainer: pl.Trainer, optimizer: Optimizer) -> None:
-    """Warn once per trainer when ``gradient_clip_val`` clips by norm for an SNGM optimizer.
+    """Warn once per trainer when `gradient_clip_val` clips by norm for an SNGM optimizer.
 
     SNGM divides the gradient by its norm, so multiplying the gradient by the clipping
     factor leaves the step unchanged; with weight decay it only shrinks the gradient

@@ -1,4 +1,4 @@
-"""A LightningCLI that steps `WarmupDecayLR`, given as ``--lr_scheduler``, every optimizer step."""
+"""A LightningCLI that steps `WarmupDecayLR`, given as `--lr_scheduler`, every optimizer step."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ __all__ = ["StepScheduleCLI"]
 
 
 class StepScheduleCLI(LightningCLI):
-    """``LightningCLI`` with `WarmupDecayLR` stepped per optimizer step, as it is sized.
+    """`LightningCLI` with `WarmupDecayLR` stepped per optimizer step, as it is sized.
 
-    ``LightningCLI`` steps the scheduler it builds from ``--lr_scheduler`` once per epoch.
-    This subclass returns a `WarmupDecayLR` with ``interval="step"`` instead, so its
-    ``total_steps`` and ``warmup_steps`` count optimizer steps (after gradient
-    accumulation); any other scheduler is configured exactly as ``LightningCLI`` does:
+    `LightningCLI` steps the scheduler it builds from `--lr_scheduler` once per epoch.
+    This subclass returns a `WarmupDecayLR` with `interval="step"` instead, so its
+    `total_steps` and `warmup_steps` count optimizer steps (after gradient
+    accumulation); any other scheduler is configured exactly as `LightningCLI` does:
 
         StepScheduleCLI(MyModel, MyDataModule)  # in main.py, after importing sngm_integrations
 
@@ -34,7 +34,7 @@ class StepScheduleCLI(LightningCLI):
         optimizer: Optimizer,
         lr_scheduler: LRSchedulerTypeUnion | None = None,
     ) -> Any:
-        """``LightningCLI.configure_optimizers``, with `WarmupDecayLR` stepped per step."""
+        """`LightningCLI.configure_optimizers`, with `WarmupDecayLR` stepped per step."""
         if isinstance(lr_scheduler, WarmupDecayLR):
             return {
                 "optimizer": optimizer,

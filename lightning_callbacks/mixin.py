@@ -1,12 +1,12 @@
-"""``configure_optimizers`` for SNGM, built from a LightningModule's hyperparameters.
+"""`configure_optimizers` for SNGM, built from a LightningModule's hyperparameters.
 
-Everything is computed from ``self.hparams`` and the trainer each time
-``configure_optimizers`` runs, and nothing is mutated: after a resume, Lightning calls it
+Everything is computed from `self.hparams` and the trainer each time
+`configure_optimizers` runs, and nothing is mutated: after a resume, Lightning calls it
 again, gets the same optimizer and schedule, then loads their saved state. A batch-size
 scaling rule is therefore applied exactly once, however often the run is resumed. A
 resume whose settings give another lr or schedule length (a different effective batch
-size, ``max_epochs`` or ``lr``) stops with the ValueError of `WarmupDecayLR`'s
-``load_state_dict`` instead of continuing the saved schedule under the new settings.
+size, `max_epochs` or `lr`) stops with the ValueError of `WarmupDecayLR`'s
+`load_state_dict` instead of continuing the saved schedule under the new settings.
 """
 
 from __future__ import annotations
@@ -46,27 +46,27 @@ else:
 
 @dataclass(frozen=True)
 class SNGMHyperparameters:
-    """The hyperparameters `SNGMMixin` reads from ``self.hparams``.
+    """The hyperparameters `SNGMMixin` reads from `self.hparams`.
 
-    Give any of these names to your module's ``__init__`` and call
-    ``self.save_hyperparameters()``; names you leave out take the defaults below.
+    Give any of these names to your module's `__init__` and call
+    `self.save_hyperparameters()`; names you leave out take the defaults below.
 
     Attributes:
-        lr: Learning rate (required; ``learning_rate``, the name Lightning's examples use,
-            is accepted instead). With ``lr_scaling``, the rate at ``reference_batch_size``.
+        lr: Learning rate (required; `learning_rate`, the name Lightning's examples use,
+            is accepted instead). With `lr_scaling`, the rate at `reference_batch_size`.
         momentum: SNGM's momentum `beta`.
         weight_decay: L2 penalty, folded into the gradient before the norm.
         nesterov: Nesterov momentum.
-        normalize: ``"global"`` (the paper's one norm) or ``"layer"``.
+        normalize: `"global"` (the paper's one norm) or `"layer"`.
         warmup_steps: Optimizer steps of linear warmup.
         warmup_fraction: Warmup as a fraction of all optimizer steps (instead of
-            ``warmup_steps``).
-        schedule: Decay after warmup: ``constant``, ``cosine``, ``linear`` or ``poly``.
-        power: Exponent of the ``poly`` schedule.
-        final_lr_fraction: Learning rate at the end of the decay, as a fraction of ``lr``.
-        lr_scaling: ``none``, ``linear`` or ``sqrt``: scale ``lr`` from
-            ``reference_batch_size`` to the effective batch size.
-        reference_batch_size: The batch size ``lr`` was tuned at.
+            `warmup_steps`).
+        schedule: Decay after warmup: `constant`, `cosine`, `linear` or `poly`.
+        power: Exponent of the `poly` schedule.
+        final_lr_fraction: Learning rate at the end of the decay, as a fraction of `lr`.
+        lr_scaling: `none`, `linear` or `sqrt`: scale `lr` from
+            `reference_batch_size` to the effective batch size.
+        reference_batch_size: The batch size `lr` was tuned at.
         decay_bias_and_norm: Also decay biases and normalization-layer parameters.
     """
 
@@ -111,9 +111,9 @@ class SNGMHyperparameters:
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> SNGMHyperparameters:
-        """Pick the known names out of a module's ``hparams``; other names are ignored.
+        """Pick the known names out of a module's `hparams`; other names are ignored.
 
-        ``learning_rate`` is read as ``lr`` when there is no ``lr``.
+        `learning_rate` is read as `lr` when there is no `lr`.
         """
         if "lr" in hparams and "learning_rate" in hparams:
             raise ValueError(
@@ -131,17 +131,17 @@ class SNGMHyperparameters:
         return cls(**values)
 
     def warmup_steps_for(self, total_steps: int) -> int:
-        """Warmup length in optimizer steps for a run of ``total_steps`` steps."""
+        """Warmup length in optimizer steps for a run of `total_steps` steps."""
         if self.warmup_fraction:
             return round(self.warmup_fraction * total_steps)
         return min(self.warmup_steps, total_steps)
 
 
 class SNGMMixin(_MixinBase):
-    """Adds ``configure_optimizers`` with SNGM, warmup and decay to a LightningModule.
+    """Adds `configure_optimizers` with SNGM, warmup and decay to a LightningModule.
 
-    Put it before ``LightningModule`` in the bases; the hyperparameters are those of
-    `SNGMHyperparameters`, read from ``self.hparams``:
+    Put it before `LightningModule` in the bases; the hyperparameters are those of
+    `SNGMHyperparameters`, read from `self.hparams`:
 
         class Net(SNGMMixin, L.LightningModule):
             def __init__(self, lr=0.5, momentum=0.9, weight_decay=5e-4, warmup_fraction=0.1,
@@ -149,13 +149,13 @@ class SNGMMixin(_MixinBase):
                 super().__init__()
                 self.save_hyperparameters()
 
-    ``configure_optimizers`` returns the dict form with a scheduler stepped every optimizer
+    `configure_optimizers` returns the dict form with a scheduler stepped every optimizer
     step. Each choice is a small method a subclass can override without copying the rest:
     `sngm_hyperparameters`, `sngm_param_groups`, `sngm_optimizer`,
     `sngm_process_group`, `sngm_per_device_batch_size`,
     `sngm_learning_rate` and `sngm_lr_scheduler`.
 
-    The hyperparameters are checked when ``self.save_hyperparameters()`` runs, so a bad
+    The hyperparameters are checked when `self.save_hyperparameters()` runs, so a bad
     value fails when the module is built, before the Trainer or the data do any work.
     """
 
@@ -166,7 +166,7 @@ class SNGMMixin(_MixinBase):
         frame: types.FrameType | None = None,
         logger: bool = True,
     ) -> None:
-        """Lightning's ``save_hyperparameters``, then a check of `sngm_hyperparameters`."""
+        """Lightning's `save_hyperparameters`, then a check of `sngm_hyperparameters`."""
         # Lightning reads the __init__ arguments from its caller's frame: pass it the caller's.
         caller = frame or getattr(inspect.currentframe(), "f_back", None)
         super().save_hyperparameters(*args, ignore=ignore, frame=caller, logger=logger)
@@ -186,14 +186,14 @@ class SNGMMixin(_MixinBase):
         }
 
     def sngm_hyperparameters(self) -> SNGMHyperparameters:
-        """The optimizer's hyperparameters; by default read from ``self.hparams``.
+        """The optimizer's hyperparameters; by default read from `self.hparams`.
 
-        Also called by ``save_hyperparameters``: an override must work from there on.
+        Also called by `save_hyperparameters`: an override must work from there on.
         """
         return SNGMHyperparameters.from_hparams(self.hparams)
 
     def _check_fixed_accumulation(self, hparams: SNGMHyperparameters) -> None:
-        """Refuse a changing ``accumulate_grad_batches`` where the lr or schedule depend on it."""
+        """Refuse a changing `accumulate_grad_batches` where the lr or schedule depend on it."""
         sized_by_steps = hparams.schedule != "constant" or hparams.warmup_fraction
         if not sized_by_steps and hparams.lr_scaling == "none":
             return
@@ -239,7 +239,7 @@ class SNGMMixin(_MixinBase):
         return None
 
     def sngm_per_device_batch_size(self) -> int:
-        """Samples per device per forward pass: ``hparams.batch_size``, else the loader's."""
+        """Samples per device per forward pass: `hparams.batch_size`, else the loader's."""
         if "batch_size" in self.hparams:
             return int(self.hparams["batch_size"])
         trainer = self.trainer
@@ -265,7 +265,7 @@ class SNGMMixin(_MixinBase):
         )
 
     def sngm_learning_rate(self, hparams: SNGMHyperparameters) -> float:
-        """``lr`` after the batch-size scaling rule, from the hyperparameters alone."""
+        """`lr` after the batch-size scaling rule, from the hyperparameters alone."""
         if hparams.lr_scaling == "none":
             return hparams.lr
         assert hparams.reference_batch_size is not None  # checked by SNGMHyperparameters

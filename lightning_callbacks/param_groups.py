@@ -10,9 +10,9 @@ __all__ = ["is_normalization_layer", "weight_decay_param_groups"]
 
 
 def is_normalization_layer(module: nn.Module) -> bool:
-    """True for batch, instance, layer, group and RMS norms, including custom ``*Norm`` classes.
+    """True for batch, instance, layer, group and RMS norms, including custom `*Norm` classes.
 
-    Custom classes are recognised by name (``LlamaRMSNorm``, ``T5LayerNorm``, ...), since
+    Custom classes are recognised by name (`LlamaRMSNorm`, `T5LayerNorm`, ...), since
     model libraries often define their own normalization layers.
     """
     builtin = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -22,21 +22,21 @@ def is_normalization_layer(module: nn.Module) -> bool:
 def weight_decay_param_groups(
     module: nn.Module, weight_decay: float, *, decay_bias_and_norm: bool = False
 ) -> list[dict[str, Any]]:
-    """Split the trainable parameters of ``module`` into a decayed and an undecayed group.
+    """Split the trainable parameters of `module` into a decayed and an undecayed group.
 
     Biases and the parameters of normalization layers get no weight decay unless
-    ``decay_bias_and_norm`` is true. Shared parameters are listed once; empty groups are
-    dropped. The groups are named ``decay`` and ``no_decay`` (a ``name`` key, which
-    Lightning's ``LearningRateMonitor`` puts in its metric names, e.g. ``lr-SNGM/decay``).
+    `decay_bias_and_norm` is true. Shared parameters are listed once; empty groups are
+    dropped. The groups are named `decay` and `no_decay` (a `name` key, which
+    Lightning's `LearningRateMonitor` puts in its metric names, e.g. `lr-SNGM/decay`).
 
     Args:
-        module: The model whose ``requires_grad`` parameters are grouped.
+        module: The model whose `requires_grad` parameters are grouped.
         weight_decay: The weight decay of the decayed group.
         decay_bias_and_norm: Put every parameter in the decayed group.
 
     Returns:
-        Parameter groups for a ``torch.optim.Optimizer``, each with its ``name`` and
-        ``weight_decay``.
+        Parameter groups for a `torch.optim.Optimizer`, each with its `name` and
+        `weight_decay`.
     """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []

@@ -1,7 +1,7 @@
 """SNGM (stochastic normalized gradient descent with momentum) for PyTorch.
 
 The core depends on torch alone. Framework support lives in the sibling packages
-``hf_trainer`` (Hugging Face Trainer) and ``lightning_callbacks`` (Lightning).
+`hf_trainer` (Hugging Face Trainer) and `lightning_callbacks` (Lightning).
 """
 
 from sngm_integrations.reference import ReferenceSNGM

@@ -4,11 +4,11 @@ SNGM divides by the norm of the *whole* model's gradient. When each rank holds o
 part of the parameters, a norm over the local tensors is wrong unless it is reduced:
 
 * DDP: every rank holds full, already averaged gradients. Nothing to do.
-* DTensor parameters (FSDP2 ``fully_shard``, tensor parallel): the squared norms of the
+* DTensor parameters (FSDP2 `fully_shard`, tensor parallel): the squared norms of the
   local shards are summed over the mesh dimensions on which the tensor is sharded.
   Replicated dimensions are not summed (that would count a shard twice).
 * Flat shards (FSDP1, DeepSpeed ZeRO-1/2/3): the optimizer's plain tensors are disjoint
-  pieces of the model; their squared norms are summed over ``process_group``, which
+  pieces of the model; their squared norms are summed over `process_group`, which
   `sngm_integrations.sharding` finds for the engines it recognises.
 
 Every function here issues at most one all-reduce per kind of sharding per call, never
@@ -44,17 +44,17 @@ __all__ = [
 
 
 def any_dtensor(tensors: Iterable[Tensor]) -> bool:
-    """Return True when any of ``tensors`` is a DTensor (checked once per distinct type)."""
+    """Return True when any of `tensors` is a DTensor (checked once per distinct type)."""
     return any(issubclass(kind, DTensor) for kind in set(map(type, tensors)))
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
-    """The part of ``tensor`` held by this rank (the tensor itself unless it is a DTensor)."""
+    """The part of `tensor` held by this rank (the tensor itself unless it is a DTensor)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _shard_groups(tensor: DTensor) -> list[dist.ProcessGroup]:
-    """Process groups of the mesh dimensions over which ``tensor``'s values are split."""
+    """Process groups of the mesh dimensions over which `tensor`'s values are split."""
     mesh = tensor.device_mesh
     return [
         mesh.get_group(dim)
@@ -88,7 +88,7 @@ def per_tensor_squared_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 
 def sum_on(values: Sequence[Tensor], device: torch.device) -> Tensor:
-    """The sum of 0-dim tensors, on ``device`` (one value is returned as it is)."""
+    """The sum of 0-dim tensors, on `device` (one value is returned as it is)."""
     if len(values) == 1 and values[0].device == device:
         return values[0]
     return torch.stack([v.to(device, non_blocking=True) for v in values]).sum()
@@ -97,10 +97,10 @@ def sum_on(values: Sequence[Tensor], device: torch.device) -> Tensor:
 def reduction_classes(
     tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None = None
 ) -> list[tuple[list[dist.ProcessGroup], list[int]]]:
-    """Split ``tensors`` into classes whose local squared norms are summed over the same groups.
+    """Split `tensors` into classes whose local squared norms are summed over the same groups.
 
-    Returns ``(groups, indices)`` pairs: plain tensors form one class, reduced over
-    ``process_group`` when it is given and over nothing otherwise; DTensors form one class
+    Returns `(groups, indices)` pairs: plain tensors form one class, reduced over
+    `process_group` when it is given and over nothing otherwise; DTensors form one class
     per layout (mesh and placements), reduced over the mesh dimensions they are sharded on.
     Summing each class's local squared norms, all-reducing the sum over its groups and
     adding the classes gives the squared norm of the full tensors.
@@ -130,8 +130,8 @@ def all_reduce_and_sum(
 ) -> Tensor:
     """All-reduce each reduction class's local sum over its groups (in place), then add them.
 
-    ``local_sums`` pairs each class's groups (see `reduction_classes`) with the sum of its
-    tensors' local squared norms, a 0-dim tensor; the result is on ``device``.
+    `local_sums` pairs each class's groups (see `reduction_classes`) with the sum of its
+    tensors' local squared norms, a 0-dim tensor; the result is on `device`.
     """
     for groups, total in local_sums:
         for group in groups:
@@ -144,7 +144,7 @@ def global_squared_norm(
     process_group: dist.ProcessGroup | None = None,
     local_squares: Tensor | None = None,
 ) -> Tensor:
-    """Squared L2 norm of all ``tensors`` taken together, as a 0-dim float64 tensor.
+    """Squared L2 norm of all `tensors` taken together, as a 0-dim float64 tensor.
 
     Args:
         tensors: Plain tensors or DTensors. DTensors count over their full extent.

@@ -36,14 +36,14 @@ _CANCELLATION_LIMIT = 1.0 / 16.0
 
 
 def accumulation_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
-    """The dtype norms of ``tensors`` are reported in: float64 if any is float64, else float32."""
+    """The dtype norms of `tensors` are reported in: float64 if any is float64, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _buckets(
     lists: list[list[Tensor]],
 ) -> list[tuple[torch.device | None, list[list[Tensor]], list[int]]]:
-    """``lists`` bucketed by device and dtype by torch.optim's (C++) helper, with indices.
+    """`lists` bucketed by device and dtype by torch.optim's (C++) helper, with indices.
 
     While compiling, the helper returns one bucket without a key (device None).
     """
@@ -89,7 +89,7 @@ def _narrow_squares(tensors: list[Tensor]) -> Tensor:
 
 
 def _rescaled_square(tensor: Tensor) -> Tensor:
-    """``||t||^2`` in float64 for a tensor whose plain sum of squares overflowed."""
+    """`||t||^2` in float64 for a tensor whose plain sum of squares overflowed."""
     largest = tensor.abs().amax().to(torch.float64)
     if not torch.isfinite(largest) or largest == 0:
         return largest.square()  # inf or nan stays so; an all-zero tensor gives 0
@@ -129,7 +129,7 @@ def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
 def decayed_squared_norms(
     grads: Sequence[Tensor], params: Sequence[Tensor], grad_sign: float, coefficient: float
 ) -> Tensor:
-    """``||grad_sign * g + coefficient * w||^2`` of each pair of CPU tensors, float64, in
+    """`||grad_sign * g + coefficient * w||^2` of each pair of CPU tensors, float64, in
     input order, without writing the sum anywhere.
 
     Large float32/float64 tensors take three dot products, `g.g`, `g.w` and `w.w`; smaller

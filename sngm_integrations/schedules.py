@@ -29,24 +29,24 @@ SCALING_RULES = ("none", "linear", "sqrt")
 
 
 def check_schedule(schedule: str, argument: str = "schedule") -> None:
-    """Raise a ValueError naming ``argument`` unless ``schedule`` is one of `SCHEDULES`."""
+    """Raise a ValueError naming `argument` unless `schedule` is one of `SCHEDULES`."""
     if schedule not in SCHEDULES:
         raise ValueError(f"Invalid {argument}: {argument}={schedule!r} (choose one of {SCHEDULES})")
 
 
 def check_scaling_rule(rule: str, argument: str = "rule") -> None:
-    """Raise a ValueError naming ``argument`` unless ``rule`` is one of `SCALING_RULES`."""
+    """Raise a ValueError naming `argument` unless `rule` is one of `SCALING_RULES`."""
     if rule not in SCALING_RULES:
         raise ValueError(f"Invalid {argument}: {argument}={rule!r} (choose one of {SCALING_RULES})")
 
 
 @dataclass(frozen=True)
 class WarmupDecay:
-    """Multiplier of the base learning rate at optimizer step ``step``.
+    """Multiplier of the base learning rate at optimizer step `step`.
 
-    Linear warmup from ``1/warmup_steps`` to 1 over ``warmup_steps`` steps, then one of:
-    ``constant`` (stays 1), ``cosine`` (half cosine), ``linear`` or ``poly``
-    (``(1 - progress) ** power``), each ending at ``final_fraction`` after ``total_steps``.
+    Linear warmup from `1/warmup_steps` to 1 over `warmup_steps` steps, then one of:
+    `constant` (stays 1), `cosine` (half cosine), `linear` or `poly`
+    (`(1 - progress) ** power`), each ending at `final_fraction` after `total_steps`.
     A picklable callable, so schedulers built on it can be saved and restored.
     """
 
@@ -92,30 +92,30 @@ class WarmupDecayLR(LRScheduler):
     """Linear warmup, then a decay, as a learning-rate scheduler stepped per optimizer step.
 
     Each group's lr is its base lr times `WarmupDecay` at the step count. Call `step()`
-    after every optimizer step: ``total_steps`` and ``warmup_steps`` count calls to it.
+    after every optimizer step: `total_steps` and `warmup_steps` count calls to it.
 
-    A group added to the optimizer later (``optimizer.add_param_group``, as Lightning's
-    ``BaseFinetuning`` does when it unfreezes) joins the schedule where it stands: the lr
+    A group added to the optimizer later (`optimizer.add_param_group`, as Lightning's
+    `BaseFinetuning` does when it unfreezes) joins the schedule where it stands: the lr
     it was added with is its lr at the current step, and from there it warms up and
     decays with the other groups. An lr that something else writes into a group between
     two steps is taken up the same way, and scheduled on from the value written.
 
-    Under LightningCLI, ``--lr_scheduler WarmupDecayLR`` is stepped once per epoch, so its
-    steps are epochs there; ``lightning_callbacks.StepScheduleCLI`` steps it per optimizer
+    Under LightningCLI, `--lr_scheduler WarmupDecayLR` is stepped once per epoch, so its
+    steps are epochs there; `lightning_callbacks.StepScheduleCLI` steps it per optimizer
     step.
 
-    `load_state_dict` refuses the state of a different schedule (another ``total_steps``,
+    `load_state_dict` refuses the state of a different schedule (another `total_steps`,
     warmup or decay, or other base learning rates) with a ValueError: continuing it would
     run the saved schedule while the new run was configured for another.
 
     Args:
         optimizer: The optimizer whose learning rates are set.
         total_steps: Optimizer steps in the whole run (>= 1).
-        warmup_steps: Steps of linear warmup, in ``[0, total_steps]``.
-        schedule: Decay after warmup: ``constant``, ``cosine``, ``linear`` or ``poly``.
-        power: Exponent of the ``poly`` decay.
+        warmup_steps: Steps of linear warmup, in `[0, total_steps]`.
+        schedule: Decay after warmup: `constant`, `cosine`, `linear` or `poly`.
+        power: Exponent of the `poly` decay.
         final_fraction: The lr at the end of the decay, as a fraction of the base lr.
-        last_epoch: Index of the last step taken; ``-1`` starts the schedule.
+        last_epoch: Index of the last step taken; `-1` starts the schedule.
     """
 
     def __init__(
@@ -184,10 +184,10 @@ def warmup_decay_schedule(
 
 
 def scale_lr(lr: float, batch_size: int, reference_batch_size: int, rule: str = "none") -> float:
-    """Scale a learning rate tuned at ``reference_batch_size`` to ``batch_size``.
+    """Scale a learning rate tuned at `reference_batch_size` to `batch_size`.
 
-    ``linear`` multiplies by ``batch_size / reference_batch_size``, ``sqrt`` by its square
-    root, ``none`` returns ``lr``. ``linear`` is the usual rule for MSGD. For SNGM, whose
+    `linear` multiplies by `batch_size / reference_batch_size`, `sqrt` by its square
+    root, `none` returns `lr`. `linear` is the usual rule for MSGD. For SNGM, whose
     step length does not grow with the gradient, no rule holds across models: measure
     (docs/learning-rate.md and docs/accelerate.md record runs where each helped).
     """

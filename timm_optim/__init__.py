@@ -1,4 +1,4 @@
-"""SNGM as a named optimizer of timm: ``create_optimizer_v2(model, opt="sngm", ...)``.
+"""SNGM as a named optimizer of timm: `create_optimizer_v2(model, opt="sngm", ...)`.
 
 Importing this package registers the name in timm's default optimizer registry (see
 `register`):
@@ -11,11 +11,11 @@ Importing this package registers the name in timm's default optimizer registry (
     optimizer = create_optimizer_v2(model, opt="sngm", lr=0.5, weight_decay=5e-5)
 
 timm's factory puts biases and normalization weights (every 1-d parameter, and the names
-in ``model.no_weight_decay()``) into a group without weight decay, sets ``momentum=0.9``
-unless given, and passes ``eps`` (``--opt-eps``) and ``foreach`` through. The name also
-works with timm's prefixes, such as ``opt="lookahead_sngm"``.
+in `model.no_weight_decay()`) into a group without weight decay, sets `momentum=0.9`
+unless given, and passes `eps` (`--opt-eps`) and `foreach` through. The name also
+works with timm's prefixes, such as `opt="lookahead_sngm"`.
 
-timm's ``train.py`` builds its optimizer in its own process, so the name must be
+timm's `train.py` builds its optimizer in its own process, so the name must be
 registered there: run it through a launcher that imports this package first (see the
 timm page of the documentation).
 """
@@ -32,7 +32,7 @@ from sngm_integrations import SNGM
 __all__ = ["OPT_NAME", "SNGM_OPTIM_INFO", "is_registered", "register"]
 
 OPT_NAME = "sngm"
-"""The value of timm's ``opt`` (``--opt``) that selects SNGM."""
+"""The value of timm's `opt` (`--opt`) that selects SNGM."""
 
 SNGM_OPTIM_INFO = OptimInfo(
     name=OPT_NAME,
@@ -47,14 +47,14 @@ _lock = threading.Lock()
 
 
 def is_registered() -> bool:
-    """Whether timm's default registry maps ``"sngm"`` to `sngm_integrations.SNGM`."""
+    """Whether timm's default registry maps `"sngm"` to `sngm_integrations.SNGM`."""
     return OPT_NAME in list_optimizers() and get_optimizer_info(OPT_NAME).opt_class is SNGM
 
 
 def register() -> None:
-    """Add ``"sngm"`` to timm's default optimizer registry; safe to call again.
+    """Add `"sngm"` to timm's default optimizer registry; safe to call again.
 
-    Runs when ``timm_optim`` is imported.
+    Runs when `timm_optim` is imported.
     """
     with _lock:
         if not is_registered():

@@ -1,6 +1,6 @@
-"""Metric modules for ``evaluate.load`` that work offline (no Hub access).
+"""Metric modules for `evaluate.load` that work offline (no Hub access).
 
-``evaluate.load`` takes a local path to a metric script as well as a Hub name:
+`evaluate.load` takes a local path to a metric script as well as a Hub name:
 
     import evaluate
     from hf_trainer.metrics import ACCURACY

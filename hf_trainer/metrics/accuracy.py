@@ -1,7 +1,7 @@
-"""Accuracy for ``evaluate.load``: the share of predictions equal to their references.
+"""Accuracy for `evaluate.load`: the share of predictions equal to their references.
 
-Loaded by path (``evaluate.load(hf_trainer.metrics.ACCURACY)``), it computes what the Hub's
-``accuracy`` metric computes for single-label classification, without network access.
+Loaded by path (`evaluate.load(hf_trainer.metrics.ACCURACY)`), it computes what the Hub's
+`accuracy` metric computes for single-label classification, without network access.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Fashion-MNIST as uint8 tensors, read from the original IDX files.
 
-Looked for, in order: ``root`` if given, the ``FASHION_MNIST_DIR`` environment variable,
-the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``),
-and torchvision's cache under ``~/.cache/sngm-integrations``. If none holds the files
-and ``download`` is true, torchvision downloads them (this needs the network).
+Looked for, in order: `root` if given, the `FASHION_MNIST_DIR` environment variable,
+the Debian package `dataset-fashion-mnist` (`/usr/share/datasets/fashion-mnist`),
+and torchvision's cache under `~/.cache/sngm-integrations`. If none holds the files
+and `download` is true, torchvision downloads them (this needs the network).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class FashionMNISTUnavailable(RuntimeError):
 
 
 class FashionMNIST(NamedTuple):
-    """Images as uint8 ``(N, 28, 28)`` tensors, labels as int64 ``(N,)`` tensors."""
+    """Images as uint8 `(N, 28, 28)` tensors, labels as int64 `(N,)` tensors."""
 
     train_images: Tensor
     train_labels: Tensor

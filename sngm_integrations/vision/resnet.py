@@ -1,6 +1,6 @@
 """ResNet-20-style networks for small images (He et al., 2016, the CIFAR variant).
 
-Three stages of ``depth`` basic blocks with ``width``, 2x and 4x channels. For 28x28
+Three stages of `depth` basic blocks with `width`, 2x and 4x channels. For 28x28
 Fashion-MNIST the stem keeps full resolution, the stages run at 28, 14 and 7 pixels.
 """
 
@@ -33,7 +33,7 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A CIFAR-style ResNet: ``6 * depth + 2`` layers, three stages, global pooling."""
+    """A CIFAR-style ResNet: `6 * depth + 2` layers, three stages, global pooling."""
 
     def __init__(
         self, depth: int = 3, width: int = 16, in_channels: int = 1, num_classes: int = 10
