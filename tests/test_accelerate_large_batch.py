@@ -89,6 +89,7 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str
     return output_dir, result.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_with_accumulation_match_one_process_with_the_whole_batch(
     two_process_run: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -102,6 +103,7 @@ def test_two_processes_with_accumulation_match_one_process_with_the_whole_batch(
     assert (one_process["1.weight"] - mid_run["1.weight"]).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_resume_from_a_mid_epoch_checkpoint_continues_exactly(
     two_process_run: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -119,6 +121,7 @@ def test_resume_from_a_mid_epoch_checkpoint_continues_exactly(
     assert resumed["optimizer_steps"] == 6
 
 
+@pytest.mark.slow
 def test_run_reports_effective_batch_metrics_and_tracker_logs(
     two_process_run: tuple[Path, str],
 ) -> None:

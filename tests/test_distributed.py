@@ -67,6 +67,7 @@ def single_process_run(normalize: str = "global") -> tuple[list[torch.Tensor], t
     return [p.detach() for p in model.parameters()], optimizer.last_grad_norm
 
 
+@pytest.mark.slow
 def test_parameters_split_across_ranks_step_like_one_process(results: Path) -> None:
     expected, expected_norm = single_process_run()
     for rank in range(2):
@@ -78,6 +79,7 @@ def test_parameters_split_across_ranks_step_like_one_process(results: Path) -> N
         assert saved["all_reduces"] == worker.STEPS
 
 
+@pytest.mark.slow
 def test_flat_shards_with_process_group_step_like_one_process(results: Path) -> None:
     expected = torch.cat([p.flatten() for p in single_process_run()[0]])
     shards = [torch.load(results / f"flat_rank{r}.pt", weights_only=True) for r in range(2)]
@@ -85,6 +87,7 @@ def test_flat_shards_with_process_group_step_like_one_process(results: Path) -> 
     torch.testing.assert_close(joined, expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalize", ["global", "layer"])
 def test_fsdp2_dtensor_step_equals_unsharded_step(results: Path, normalize: str) -> None:
     expected, expected_norm = single_process_run(normalize)

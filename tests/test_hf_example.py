@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_example_fine_tunes_with_sngm_and_adamw_and_reports_accuracy(tmp_path: Path) -> None:
     cmd = [
         sys.executable, str(EXAMPLE), "--train_size", "32", "--eval_size", "32",

@@ -67,6 +67,7 @@ def test_fabric_accumulation_steps_once_per_window() -> None:
     )
 
 
+@pytest.mark.slow
 def test_fabric_example_runs(fashion_mnist_available: None) -> None:
     accuracy = load_example("fabric_large_batch").main(
         ["--train-subset=256", "--test-subset=256", "--epochs=1", "--batch-size=64", "--width=4"]
@@ -74,6 +75,7 @@ def test_fabric_example_runs(fashion_mnist_available: None) -> None:
     assert 0.0 <= accuracy <= 1.0
 
 
+@pytest.mark.slow
 def test_lightning_example_compares_sngm_and_msgd(
     tmp_path: Path, fashion_mnist_available: None
 ) -> None:
