@@ -411,20 +411,23 @@ def test_help_shows_the_presets_values_and_a_bare_run_on_cpu_only_plans(
     assert "training images/s" in printed
 
 
-def test_command_line_study_prints_the_report(
+def test_full_preset_at_small_size_from_the_command_line_prints_the_report(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     code = main(
-        ["--preset", "quick", "--dataset", "synthetic", "--train-size", "64", "--val-size",
+        ["--preset", "full", "--dataset", "synthetic", "--train-size", "64", "--val-size",
          "32", "--test-size", "64", "--image-size", "none", "--width", "4", "--epochs", "1",
          "--batch-sizes", "64", "--optimizers", "sngm", "--lr-points", "1", "--seeds", "1",
-         "--bn-recalibration-images", "32", "--workers", "1", "--device", "cpu",
+         "--max-widenings", "0", "--bn-recalibration-images", "32", "--device", "cpu",
          "--out", str(tmp_path), "--no-progress", "--no-plots"]
     )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "| sngm |" in printed and "batch 64" in printed and "status: complete" in printed
     assert "## Conclusion" in printed
+    document = json.loads((tmp_path / "study.json").read_text())
+    assert document["study"]["width"] == 4 and document["study"]["seeds"] == 1
+    assert document["study"]["depth"] == 3 and document["study"]["workers"] == 1  # full: ResNet-20
 
 
 def test_importing_the_package_leaves_the_study_and_its_extras_alone() -> None:
