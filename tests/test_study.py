@@ -269,7 +269,8 @@ def test_study_runs_grids_then_fresh_seeds_and_writes_reports_with_provenance(
     assert len(csv_lines) == len(runs) + 1
     report = (out / "summary.md").read_text()
     for text in ("## Equal epochs", "## Equal steps", "## Paired differences", "## Conclusion",
-                 "Caveat:", "Reproduce: `sngm-study --preset", "| msgd |"):  # fmt: skip
+                 "Caveat:", "Reproduce: `sngm-study --preset", "| msgd |",
+                 "CPU time of"):  # fmt: skip
         assert text in report
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -320,6 +321,7 @@ def test_same_seed_same_run_and_a_run_that_blows_up_is_diverged() -> None:
     assert other["train_loss"] != first["train_loss"]
     assert first["steps"] == study.epochs * 4  # 128 images in batches of 32
     assert not first["diverged"]
+    assert first["cpu_seconds"] > 0
     wild = train_run(study.run_config("epochs", "msgd", 32, 300.0, seed=0), split)
     assert wild["diverged"], wild["train_loss"]
 

@@ -435,6 +435,12 @@ def format_report(
             f"timm {item.get('timm')}, {item.get('device_name')} "
             f"({item.get('new_runs', 0)} new runs, {item.get('wall_seconds')} s)"
         )
+    timed = [r["cpu_seconds"] for r in records.values() if "cpu_seconds" in r]
+    if timed:
+        parts.append(
+            f"- CPU time of the {len(timed)} runs that record it: {sum(timed):,.0f} s "
+            "(on a busy machine a better measure of the cost than wall time)"
+        )
     parts.append(f"- Reproduce: `{metadata.get('reproduce')}`")
     return "\n".join(parts) + "\n"
 
@@ -487,7 +493,7 @@ def write_json(
 _RUN_COLUMNS = (
     "optimizer", "batch_size", "lr", "seed", "steps", "val_acc", "test_acc", "val_loss",
     "test_loss", "initial_loss", "final_train_loss", "diverged", "train_seconds", "seconds",
-    "key",
+    "cpu_seconds", "key",
 )  # fmt: skip
 
 _SUMMARY_COLUMNS = (

@@ -92,6 +92,9 @@ def evaluate(
 def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -> dict[str, Any]:
     """Train one run and return its record (config, accuracies, curves, timing).
 
+    ``cpu_seconds`` is this process's CPU time for the run (all its threads): on a busy
+    machine it tells the run's cost better than the wall-clock ``seconds``.
+
     Each epoch sees every training image once (the last batch may be smaller); a run of
     more steps than whole epochs ends part-way through its last one. A run is marked
     ``diverged`` when its training loss stops being finite (it ends there) or its last
@@ -100,7 +103,7 @@ def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -
     device = data.train_images.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     torch.manual_seed(config.seed)
     memory_format = _memory_format(device)
     model = ResNet(config.depth, config.width, data.in_channels, data.num_classes)
@@ -183,6 +186,7 @@ def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -
         "steps_per_epoch": steps_per_epoch,
         "train_seconds": round(train_seconds, 3),
         "seconds": round(time.perf_counter() - started, 3),
+        "cpu_seconds": round(time.process_time() - cpu_started, 3),
         "device": str(device),
     }
     if device.type == "cuda":
