@@ -317,21 +317,22 @@ def run_study(
     todo: deque[RunConfig] = deque()
 
     def plan() -> None:
-        """Queue every run the results so far call for: grid points, then seeds."""
+        """Queue every run the results so far call for: grid points at the back, the seeds
+        of a finished grid at the front (so that a stopped study has whole groups).
+        """
         for group in study.groups():
-            configs = [
+            grid = [
                 study.run_config(*group, lr, study.base_seed)
                 for lr in grid_lrs(study, store.records, group)
             ]
             lr = best_lr(study, store.records, group)
-            if lr is not None:
-                configs += study.seed_runs(*group, lr)
-            for config in configs:
-                key = run_key(config)
-                relevant.add(key)
-                if key not in store and key not in planned:
-                    planned.add(key)
-                    todo.append(config)
+            seeds = study.seed_runs(*group, lr) if lr is not None else []
+            for config in grid + seeds:
+                relevant.add(run_key(config))
+            new = [c for c in grid + seeds if run_key(c) not in store and run_key(c) not in planned]
+            planned.update(run_key(c) for c in new)
+            todo.extend(c for c in new if c in grid)
+            todo.extendleft(reversed([c for c in new if c not in grid]))
 
     def study_records() -> dict[str, dict[str, Any]]:
         return {k: r for k, r in store.records.items() if k in relevant}
