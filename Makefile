@@ -42,7 +42,8 @@ typecheck: setup
 	$(VENV)/bin/mypy --strict sngm_integrations
 
 docs: setup
-	bash .ci/docs.sh
+	SITE_DIR=site bash .ci/docs.sh
+	@echo "open site/index.html"
 
 wheel-smoke: setup
 	bash .ci/wheel_smoke.sh

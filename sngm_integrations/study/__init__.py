@@ -12,7 +12,7 @@ Needs the ``study`` extra (matplotlib, timm, tqdm); they are imported only when 
 """
 
 from sngm_integrations.study.config import (
-    DEFAULT_LR_GRIDS,
+    DEFAULT_LR_CENTERS,
     DEFAULT_LR_SCALING,
     PRESETS,
     RunConfig,
@@ -23,7 +23,7 @@ from sngm_integrations.study.config import (
 from sngm_integrations.study.runner import StudyResult, run_study
 
 __all__ = [
-    "DEFAULT_LR_GRIDS",
+    "DEFAULT_LR_CENTERS",
     "DEFAULT_LR_SCALING",
     "PRESETS",
     "RunConfig",

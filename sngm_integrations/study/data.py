@@ -151,6 +151,9 @@ def load_study_data(config: StudyConfig) -> StudyData:
 def split_data(data: StudyData, run: RunConfig, device: torch.device | str) -> SplitData:
     """Cut the validation split from the training set and move everything to ``device``.
 
+    Images are resized to ``run.image_size`` when it is below the dataset's (the crop
+    padding shrinks with them).
+
     The split depends on ``run.split_seed`` only, so every run of a study validates on the
     same images; subsets (``train_size``, ``test_size``) are drawn the same way.
     """
@@ -171,20 +174,25 @@ def split_data(data: StudyData, run: RunConfig, device: torch.device | str) -> S
         )
     test_index = torch.randperm(test_count, generator=generator)[: run.test_size or test_count]
     channels = data.in_channels
+    height = data.train_images.shape[-1]
+    size = run.image_size if run.image_size is not None and run.image_size < height else height
 
-    def to(tensor: Tensor) -> Tensor:
-        return tensor.to(device)
+    def to(images: Tensor) -> Tensor:
+        if size < height:  # area average, rounded back to uint8
+            resized = torch.nn.functional.interpolate(images.float(), (size, size), mode="area")
+            images = resized.round_().to(torch.uint8)
+        return images.to(device)
 
     return SplitData(
         to(data.train_images[train_index]),
-        to(data.train_labels[train_index]),
+        data.train_labels[train_index].to(device),
         to(data.train_images[val_index]),
-        to(data.train_labels[val_index]),
+        data.train_labels[val_index].to(device),
         to(data.test_images[test_index]),
-        to(data.test_labels[test_index]),
-        mean=to(torch.tensor(data.mean).view(1, channels, 1, 1)),
-        std=to(torch.tensor(data.std).view(1, channels, 1, 1)),
-        crop_padding=data.crop_padding,
+        data.test_labels[test_index].to(device),
+        mean=torch.tensor(data.mean).view(1, channels, 1, 1).to(device),
+        std=torch.tensor(data.std).view(1, channels, 1, 1).to(device),
+        crop_padding=max(1, round(data.crop_padding * size / height)),
         num_classes=data.num_classes,
     )
 

@@ -16,6 +16,7 @@ import os
 import platform
 import queue
 import signal
+import subprocess
 import sys
 import time
 from collections import deque
@@ -31,10 +32,18 @@ import torch
 
 from sngm_integrations.study.config import RunConfig, StudyConfig, run_key
 from sngm_integrations.study.data import SplitData, StudyData, load_study_data, split_data
-from sngm_integrations.study.report import best_lr, write_json, write_reports
+from sngm_integrations.study.report import best_lr, grid_lrs, write_json, write_reports
 from sngm_integrations.study.train import train_run
 
-__all__ = ["ResultsStore", "StudyResult", "environment", "run_study"]
+__all__ = [
+    "ResultsStore",
+    "StudyResult",
+    "environment",
+    "provenance",
+    "reproduce_command",
+    "run_study",
+    "threads_per_run",
+]
 
 
 class ResultsStore:
@@ -65,9 +74,9 @@ class ResultsStore:
 
 @dataclass
 class StudyResult:
-    """What `run_study` returns: the table, the status and this study's runs."""
+    """What `run_study` returns: the Markdown report, the status and this study's runs."""
 
-    table: str
+    report: str
     status: str  # "complete", "time budget reached" or "interrupted"
     records: dict[str, dict[str, Any]]
     new_runs: int
@@ -86,31 +95,71 @@ def _program_name() -> str:
     return "python -m sngm_integrations.study" if program == "__main__.py" else program
 
 
+def _git(*args: str) -> str | None:
+    folder = Path(__file__).resolve().parent
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=folder, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def provenance(device: str) -> dict[str, Any]:
+    """The code and machine a run ran on: git commit (and whether the tree was dirty),
+    versions of sngm-integrations, torch and timm, and the device's name.
+    """
+    import sngm_integrations
+
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        device_name = torch.cuda.get_device_name(torch_device)
+    else:
+        device_name = _cpu_name()
+    return {
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+        "sngm_integrations": sngm_integrations.__version__,
+        "torch": torch.__version__,
+        "timm": _package_version("timm"),
+        "device_name": device_name,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(study: StudyConfig) -> dict[str, Any]:
-    """Versions, device and command line, recorded with the results."""
-    device = torch.device(study.device)
+    """This invocation: command line, provenance, Python, platform, device and workers."""
     info: dict[str, Any] = {
         "command": " ".join([_program_name(), *sys.argv[1:]]),
+        **provenance(study.device),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "timm": _package_version("timm"),
-        "sngm_integrations": _package_version("sngm-integrations"),
-        "device": str(device),
+        "device": study.device,
         "workers": study.workers,
     }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
+    if study.device.startswith("cuda"):
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()  # type: ignore[no-untyped-call]
     else:
-        info["device_name"] = platform.processor() or platform.machine()
-        info["torch_threads_per_run"] = _threads_per_run(study)
+        info["torchthreads_per_run"] = threads_per_run(study)
     return info
 
 
-def _threads_per_run(study: StudyConfig) -> int:
+def threads_per_run(study: StudyConfig) -> int:
+    """Torch threads of each run: all of them for one worker, else the cores shared out."""
     if study.workers == 1:
         return torch.get_num_threads()
     if study.device.startswith("cuda"):
@@ -126,7 +175,7 @@ def _init_worker(data: StudyData, device: str, threads: int) -> None:
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
-    _WORKER.update(data=data, device=device, splits={})
+    _WORKER.update(data=data, device=device, splits={}, provenance=provenance(device))
 
 
 def _run_in_worker(config: RunConfig, eval_batch_size: int) -> dict[str, Any]:
@@ -135,13 +184,18 @@ def _run_in_worker(config: RunConfig, eval_batch_size: int) -> dict[str, Any]:
     if split_id not in splits:
         splits[split_id] = split_data(_WORKER["data"], config, _WORKER["device"])
     try:
-        return train_run(config, splits[split_id], eval_batch_size)
+        record = train_run(config, splits[split_id], eval_batch_size)
     except Exception as err:  # one failed run (say, out of memory) must not end the study
         return {"key": run_key(config), "error": f"{type(err).__name__}: {err}"}
+    record["provenance"] = _WORKER["provenance"]
+    return record
 
 
 def _describe(config: RunConfig) -> str:
-    return f"{config.optimizer} b={config.batch_size} lr={config.lr:g} seed={config.seed}"
+    return (
+        f"{config.optimizer} b={config.batch_size} steps={config.steps} lr={config.lr:g} "
+        f"seed={config.seed}"
+    )
 
 
 class _SerialRunner:
@@ -167,7 +221,7 @@ class _PoolRunner:
 
     def __init__(self, data: StudyData, study: StudyConfig) -> None:
         context = multiprocessing.get_context("spawn")
-        init_args = (data, study.device, _threads_per_run(study))
+        init_args = (data, study.device, threads_per_run(study))
         self.pool = context.Pool(study.workers, _init_worker, init_args)
         self.eval_batch_size = study.eval_batch_size
         self.done: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -244,40 +298,47 @@ def run_study(
         log: Where per-run lines go (default: through the progress bar, or nowhere).
 
     Returns:
-        The summary table and the runs. On Ctrl-C or SIGTERM the results so far are
+        The Markdown report and the runs. On Ctrl-C or SIGTERM the results so far are
         written, with status ``interrupted``, before KeyboardInterrupt propagates.
     """
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = ResultsStore(out_dir / "runs.jsonl")
-    metadata = environment(study)
-    metadata["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    invocation = environment(study)
+    invocation["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    metadata: dict[str, Any] = {
+        "invocations": [*_earlier_invocations(out_dir), invocation],
+        "reproduce": reproduce_command(study, out_dir),
+    }
     started = time.monotonic()
 
-    groups = [(name, b) for b in study.batch_size_priority() for name in study.optimizers]
-    seeds_planned: set[tuple[str, int]] = set()
-    todo: deque[RunConfig] = deque(c for c in study.grid_runs() if run_key(c) not in store)
-    relevant: set[str] = {run_key(c) for c in study.grid_runs()}
+    planned: set[str] = set()
+    relevant: set[str] = set()
+    todo: deque[RunConfig] = deque()
 
-    def plan_seed_runs() -> None:
-        for group in groups:
-            if group in seeds_planned:
-                continue
-            lr = best_lr(study, store.records, *group)
-            if lr is None:
-                continue
-            seeds_planned.add(group)
-            for config in study.seed_runs(*group, lr):
+    def plan() -> None:
+        """Queue every run the results so far call for: grid points at the back, the seeds
+        of a finished grid at the front (so that a stopped study has whole groups).
+        """
+        for group in study.groups():
+            grid = [
+                study.run_config(*group, lr, study.base_seed)
+                for lr in grid_lrs(study, store.records, group)
+            ]
+            lr = best_lr(study, store.records, group)
+            seeds = study.seed_runs(*group, lr) if lr is not None else []
+            for config in grid + seeds:
                 relevant.add(run_key(config))
-                if run_key(config) not in store:
-                    todo.append(config)
+            new = [c for c in grid + seeds if run_key(c) not in store and run_key(c) not in planned]
+            planned.update(run_key(c) for c in new)
+            todo.extend(c for c in new if c in grid)
+            todo.extendleft(reversed([c for c in new if c not in grid]))
 
     def study_records() -> dict[str, dict[str, Any]]:
         return {k: r for k, r in store.records.items() if k in relevant}
 
-    plan_seed_runs()
-    total = len(study.grid_runs()) + len(groups) * (study.seeds - 1)
-    bar = _progress_bar(total, len(study_records()), progress)
+    plan()
+    bar = _progress_bar(len(relevant), len(study_records()), progress)
     if log is None:
         log = bar.write if bar is not None else (lambda line: None)
 
@@ -320,9 +381,11 @@ def run_study(
                         f"test {record['test_acc']:.2f}% ({record['seconds']:.1f} s)"
                         + (" diverged" if record["diverged"] else "")
                     )
-                    plan_seed_runs()
+                    plan()
+                    invocation["new_runs"] = new_runs
                     write_json(out_dir, study, study_records(), metadata, "running")
                 if bar is not None:
+                    bar.total = len(relevant)
                     bar.update(1)
     except KeyboardInterrupt:
         status = "interrupted"
@@ -332,6 +395,28 @@ def run_study(
             runner.close(terminate=status == "interrupted")
         if bar is not None:
             bar.close()
-        metadata["wall_seconds"] = round(time.monotonic() - started, 1)
-        table = write_reports(out_dir, study, study_records(), metadata, status, plots=plots)
-    return StudyResult(table, status, study_records(), new_runs, out_dir)
+        invocation["new_runs"] = new_runs
+        invocation["wall_seconds"] = round(time.monotonic() - started, 1)
+        report = write_reports(out_dir, study, study_records(), metadata, status, plots=plots)
+    return StudyResult(report, status, study_records(), new_runs, out_dir)
+
+
+def _earlier_invocations(out_dir: Path) -> list[dict[str, Any]]:
+    """The invocations recorded in an earlier ``study.json`` of this folder."""
+    path = out_dir / "study.json"
+    if not path.exists():
+        return []
+    try:
+        invocations = json.loads(path.read_text()).get("environment", {}).get("invocations", [])
+    except json.JSONDecodeError:
+        return []
+    return list(invocations)
+
+
+def reproduce_command(study: StudyConfig, out_dir: Path) -> str:
+    """A command line that reruns ``study`` into ``out_dir`` (settings that differ from the
+    matching preset are spelled out; a folder with results resumes).
+    """
+    from sngm_integrations.study.cli import command_line
+
+    return command_line(study, out_dir)

@@ -1,8 +1,11 @@
-"""One training run: ResNet-20 trained for a fixed number of epochs, then evaluated.
+"""One training run: a CIFAR-style ResNet trained for a fixed number of optimizer steps.
 
-The loop never waits on the device inside an epoch: the running loss is summed on the
-device and read once per epoch. On CUDA it trains in bf16 autocast with channels-last
-tensors.
+Validation accuracy is measured at the end of every epoch (and of the run), so the time
+to reach an accuracy can be read off a run; BatchNorm's statistics are recomputed on
+training images before every evaluation, the same for every optimizer (the running
+averages lag far behind the weights after a few large, fast-moving steps). The loop never
+waits on the device inside an epoch: the running loss is summed on the device and read
+once per epoch. On CUDA it trains in bf16 autocast with channels-last tensors.
 """
 
 from __future__ import annotations
@@ -19,15 +22,46 @@ from sngm_integrations.schedules import warmup_decay_schedule
 from sngm_integrations.study.config import RunConfig, run_key
 from sngm_integrations.study.data import SplitData, augment_batch
 from sngm_integrations.study.optimizers import build_optimizer
-from sngm_integrations.vision import resnet20
+from sngm_integrations.vision import ResNet
 
-__all__ = ["evaluate", "train_run"]
+__all__ = ["evaluate", "recalibrate_batch_norm", "train_run"]
 
 
 def _autocast(config: RunConfig, device: torch.device) -> AbstractContextManager[object]:
     if config.precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def _memory_format(device: torch.device) -> torch.memory_format:
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(
+    model: nn.Module, data: SplitData, config: RunConfig, batch_size: int = 2048
+) -> None:
+    """Recompute every BatchNorm's running statistics on the first training images.
+
+    Uses ``config.bn_recalibration_images`` images (none: left as they are), unaugmented,
+    averaged with equal weight per batch.
+    """
+    count = min(config.bn_recalibration_images, len(data.train_labels))
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if count == 0 or not norms:
+        return
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches below
+    model.train()
+    memory_format = _memory_format(data.train_images.device)
+    for start in range(0, count, batch_size):
+        images = data.normalize(data.train_images[start : min(count, start + batch_size)])
+        with _autocast(config, images.device):
+            model(images.contiguous(memory_format=memory_format))
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
 
 
 @torch.no_grad()
@@ -55,42 +89,51 @@ def evaluate(
     return 100.0 * correct.item() / len(labels), loss_sum.item() / len(labels)
 
 
-def _memory_format(device: torch.device) -> torch.memory_format:
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
 def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -> dict[str, Any]:
-    """Train one run and return its record (config, accuracies, loss curve, timing).
+    """Train one run and return its record (config, accuracies, curves, timing).
 
-    A run whose training loss stops being finite ends at that epoch and is marked
-    ``diverged``; it is still evaluated (at chance level, typically).
+    ``cpu_seconds`` is this process's CPU time for the run (all its threads): on a busy
+    machine it tells the run's cost better than the wall-clock ``seconds``.
+
+    Each epoch sees every training image once (the last batch may be smaller); a run of
+    more steps than whole epochs ends part-way through its last one. A run is marked
+    ``diverged`` when its training loss stops being finite (it ends there) or its last
+    epoch's loss is above its first step's; it is still evaluated.
     """
     device = data.train_images.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     torch.manual_seed(config.seed)
     memory_format = _memory_format(device)
-    model = resnet20(config.width, data.in_channels, data.num_classes)
+    model = ResNet(config.depth, config.width, data.in_channels, data.num_classes)
     model = model.to(device).to(memory_format=memory_format)
     optimizer = build_optimizer(
-        config.optimizer, model.parameters(), config.lr, config.momentum, config.weight_decay
+        config.optimizer,
+        model.parameters(),
+        config.lr,
+        config.momentum,
+        config.weight_decay,
+        config.decay_norm_and_bias,
     )
     train_count = len(data.train_labels)
-    # Every sample is seen once per epoch: the last batch of an epoch may be smaller.
     steps_per_epoch = math.ceil(train_count / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = min(total_steps, round(config.warmup_epochs * steps_per_epoch))
-    scheduler = warmup_decay_schedule(optimizer, total_steps, warmup_steps, config.schedule)
+    scheduler = warmup_decay_schedule(optimizer, config.steps, config.warmup_steps, config.schedule)
     generator = torch.Generator(device=device).manual_seed(config.seed)
 
     train_loss: list[float] = []
+    history: list[dict[str, Any]] = []
+    first_loss: Tensor | None = None
     diverged = False
-    for _ in range(config.epochs):
+    step = images_seen = 0
+    train_seconds = 0.0
+    while step < config.steps and not diverged:
+        epoch_started = time.perf_counter()
         order = torch.randperm(train_count, generator=generator, device=device)
         loss_sum = torch.zeros((), device=device)
-        for step in range(steps_per_epoch):
-            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+        epoch_images = 0
+        batches = torch.split(order, config.batch_size)
+        for index in batches[: config.steps - step]:
             images = augment_batch(data.train_images[index], data.crop_padding, generator)
             images = data.normalize(images).contiguous(memory_format=memory_format)
             with _autocast(config, device):
@@ -100,31 +143,50 @@ def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -
             loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it untyped
             optimizer.step()
             scheduler.step()
+            if first_loss is None:
+                first_loss = loss.detach()
             loss_sum += loss.detach() * len(index)
-        train_loss.append(loss_sum.item() / train_count)
-        if not math.isfinite(train_loss[-1]):
-            diverged = True
-            break
-    train_seconds = time.perf_counter() - started
-
-    val_acc, val_loss = evaluate(
-        model, data, data.val_images, data.val_labels, config, eval_batch_size
-    )
+            epoch_images += len(index)
+            step += 1
+        train_loss.append(loss_sum.item() / epoch_images)
+        images_seen += epoch_images
+        train_seconds += time.perf_counter() - epoch_started
+        diverged = not math.isfinite(train_loss[-1])
+        recalibrate_batch_norm(model, data, config, eval_batch_size)
+        val_acc, val_loss = evaluate(
+            model, data, data.val_images, data.val_labels, config, eval_batch_size
+        )
+        history.append(
+            {
+                "step": step,
+                "images": images_seen,
+                "train_seconds": round(train_seconds, 3),
+                "train_loss": train_loss[-1],
+                "val_acc": val_acc,
+                "val_loss": val_loss,
+            }
+        )
+    initial_loss = float(first_loss) if first_loss is not None else math.nan
+    diverged = diverged or not train_loss[-1] <= initial_loss
     test_acc, test_loss = evaluate(
         model, data, data.test_images, data.test_labels, config, eval_batch_size
     )
     record: dict[str, Any] = {
         "key": run_key(config),
         "config": config.to_dict(),
-        "val_acc": val_acc,
-        "val_loss": val_loss,
+        "val_acc": history[-1]["val_acc"],
+        "val_loss": history[-1]["val_loss"],
         "test_acc": test_acc,
         "test_loss": test_loss,
+        "initial_loss": initial_loss,
         "train_loss": train_loss,
+        "history": history,
         "diverged": diverged,
-        "steps": steps_per_epoch * len(train_loss),
-        "train_seconds": train_seconds,
-        "seconds": time.perf_counter() - started,
+        "steps": step,
+        "steps_per_epoch": steps_per_epoch,
+        "train_seconds": round(train_seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+        "cpu_seconds": round(time.process_time() - cpu_started, 3),
         "device": str(device),
     }
     if device.type == "cuda":
