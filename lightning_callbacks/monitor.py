@@ -111,7 +111,7 @@ class SNGMMonitor(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
-        self._log_lr = not any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks)
+        self._log_lr = not any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks)  # type: ignore[attr-defined]
         for optimizer in trainer.optimizers:
             warn_if_norm_clipping(trainer, optimizer)
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -135,7 +135,7 @@ class SNGMMonitor(Callback):
     @staticmethod
     def _logs_next_step(trainer: pl.Trainer) -> bool:
         """Whether Lightning writes the metrics of the optimizer step being prepared."""
-        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
+        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop  # type: ignore[attr-defined]
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -1,7 +1,7 @@
 """The Accelerate example, run for real: multi-process on CPU (gloo), resume, FSDP2 on GPU.
 
-Every run is a separate launch of ``examples/accelerate_large_batch.py``: ``torchrun`` for
-two CPU processes (``accelerate launch --cpu`` would start only one), plain ``python`` for
+Every run is a separate launch of `examples/accelerate_large_batch.py`: `torchrun` for
+two CPU processes (`accelerate launch --cpu` would start only one), plain `python` for
 one. The model is the example's BatchNorm-free MLP, so a gradient does not depend on how
 its batch is split, and runs that split the same batch differently must agree.
 """
@@ -52,7 +52,7 @@ pytestmark = pytest.mark.skipif(
 def launch(
     output_dir: Path, *args: str, processes: int = 1, cpu: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Run the example in ``processes`` CPU processes (torchrun when more than one)."""
+    """Run the example in `processes` CPU processes (torchrun when more than one)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"

@@ -120,7 +120,7 @@ def manual_sngm_run(
     weight_decay: float = 0.01,
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, SNGM]:
-    """Plain PyTorch: ``steps`` SNGM steps over consecutive batches of ``batch_size``."""
+    """Plain PyTorch: `steps` SNGM steps over consecutive batches of `batch_size`."""
     net = make_net()
     optimizer = SNGM(weight_decay_param_groups(net, weight_decay), lr=lr, momentum=0.9)
     inputs, targets = make_dataset().tensors
@@ -283,7 +283,7 @@ def test_16_mixed_with_grad_scaler_matches_unscaled_step(
 ) -> None:
     """fp16 autocast through an explicit MixedPrecision plugin and a CPU GradScaler.
 
-    Lightning turns ``precision="16-mixed"`` into bf16 on CPU, but accepts the plugin. The
+    Lightning turns `precision="16-mixed"` into bf16 on CPU, but accepts the plugin. The
     loss scale cancels in SNGM's g/||g||, and so does norm clipping (warned about once)
     when there is no weight decay (with it, clipping shrinks g relative to the decay).
     """

@@ -70,7 +70,7 @@ class MixinRegression(SNGMMixin, Regression):
 
 
 class LearningRateNamedLikeLightning(SNGMMixin, Regression):
-    """Lightning's examples call the rate ``learning_rate``."""
+    """Lightning's examples call the rate `learning_rate`."""
 
     def __init__(self, learning_rate: float = 0.3, schedule: str = "constant") -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""``python -m sngm_integrations.study``: the same as the ``sngm-study`` command."""
+"""`python -m sngm_integrations.study`: the same as the `sngm-study` command."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""``sngm-study``: the large-batch study from the command line.
+"""`sngm-study`: the large-batch study from the command line.
 
 For example:
 
@@ -6,7 +6,7 @@ For example:
     sngm-study --preset full --plan
     sngm-study --preset full --device cuda --workers 8 --out study_out/full
 
-Without ``--preset`` it runs ``full`` on a machine with a GPU; elsewhere it prints the
+Without `--preset` it runs `full` on a machine with a GPU; elsewhere it prints the
 plan and an estimate of both presets and starts nothing.
 """
 
@@ -73,7 +73,7 @@ def _format(value: Any) -> str:
 
 
 def _default(name: str) -> str:
-    """``quick: X, full: Y`` for a study setting (the dataclass default where unset)."""
+    """`quick: X, full: Y` for a study setting (the dataclass default where unset)."""
     defaults = StudyConfig()
     values = [
         f"{preset_name}: {_format(settings.get(name, getattr(defaults, name)))}"
@@ -210,7 +210,7 @@ def _float_assignments(option: str, assignments: list[tuple[str, str]]) -> dict[
 
 
 def study_from_args(args: argparse.Namespace, preset_name: str) -> StudyConfig:
-    """The `StudyConfig` the arguments describe, on top of preset ``preset_name``."""
+    """The `StudyConfig` the arguments describe, on top of preset `preset_name`."""
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in _SETTINGS if getattr(args, name) is not _UNSET
     }
@@ -241,7 +241,7 @@ _MACHINE_SETTINGS = ("workers", "time_budget", "data_root", "eval_batch_size")
 
 
 def command_line(study: StudyConfig, out: str | os.PathLike[str]) -> str:
-    """An ``sngm-study`` command that runs ``study`` into ``out`` (the nearest preset,
+    """An `sngm-study` command that runs `study` into `out` (the nearest preset,
     with every setting that differs from it spelled out).
     """
     mine = study.to_dict()
@@ -273,7 +273,7 @@ def command_line(study: StudyConfig, out: str | os.PathLike[str]) -> str:
 
 
 def estimate_images_per_second(study: StudyConfig, steps: int = 10) -> float:
-    """Training images per second of the whole study on ``study.device``: a short timing at
+    """Training images per second of the whole study on `study.device`: a short timing at
     the smallest batch, on random images of the study's size, with each worker's threads,
     times the workers on a CPU. On a busy machine it is an underestimate.
     """
@@ -308,7 +308,7 @@ def estimate_images_per_second(study: StudyConfig, steps: int = 10) -> float:
 
 
 def describe_plan(study: StudyConfig, name: str, measure: bool) -> str:
-    """What a study will run and, with ``measure``, a time estimate on this machine."""
+    """What a study will run and, with `measure`, a time estimate on this machine."""
     groups = study.groups()
     images = study.training_images()
     lines = [

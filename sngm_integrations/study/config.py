@@ -62,10 +62,10 @@ DEFAULT_LR_SCALING: dict[str, str] = {name: "none" for name in OPTIMIZERS}
 class RunConfig:
     """Everything that determines one training run's result.
 
-    ``train_size``/``val_size``/``test_size`` of ``None`` mean the whole split (the
+    `train_size`/`val_size`/`test_size` of `None` mean the whole split (the
     validation split is cut from the training set; the test set is never used to choose).
-    ``image_size`` below the dataset's resizes the images (area average) once, up front.
-    ``decay_norm_and_bias`` False keeps weight decay (and LARS's trust ratio) off every
+    `image_size` below the dataset's resizes the images (area average) once, up front.
+    `decay_norm_and_bias` False keeps weight decay (and LARS's trust ratio) off every
     1-d tensor, BatchNorm's and the biases, for every optimizer.
     """
 
@@ -112,19 +112,19 @@ class StudyConfig:
     Attributes:
         epochs: The equal-epoch budget: every batch size trains this many epochs.
         equal_steps: The equal-step budget: every batch size trains this many optimizer
-            steps (``None``: the largest batch's steps in ``epochs``; ``0``: no step budget).
-        lr_centers: Per optimizer, the grid's centre at ``reference_batch_size``, moved to
-            a batch size with ``lr_scaling[optimizer]`` (``none``, ``linear`` or ``sqrt``,
+            steps (`None`: the largest batch's steps in `epochs`; `0`: no step budget).
+        lr_centers: Per optimizer, the grid's centre at `reference_batch_size`, moved to
+            a batch size with `lr_scaling[optimizer]` (`none`, `linear` or `sqrt`,
             see `sngm_integrations.scale_lr`).
         lr_points: Learning rates per grid, 2x apart, the same number for every optimizer.
         max_widenings: How many points a grid may grow by while its best lr is at an edge.
-        seeds: Fresh seeds of each chosen lr (``base_seed``, which chose it, is not one).
+        seeds: Fresh seeds of each chosen lr (`base_seed`, which chose it, is not one).
         warmup_fraction: Linear warmup, as a fraction of each run's steps.
-        target_val_acc: Validation accuracy (%) whose time to reach is reported (``None``:
+        target_val_acc: Validation accuracy (%) whose time to reach is reported (`None`:
             99% of the best final validation accuracy at the smallest batch, epoch budget).
         bn_recalibration_images: Training images over which BatchNorm's statistics are
             recomputed before every evaluation (0: keep the running averages).
-        time_budget: Seconds after which no new run is started (``None``: no limit).
+        time_budget: Seconds after which no new run is started (`None`: no limit).
     """
 
     dataset: str = "fashion-mnist"
@@ -166,7 +166,7 @@ class StudyConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad setting."""
+        """Raise `ValueError` naming the first bad setting."""
         if self.dataset not in DATASETS:
             raise ValueError(f"Invalid dataset: dataset={self.dataset!r} (choose from {DATASETS})")
         if not self.optimizers:
@@ -234,11 +234,11 @@ class StudyConfig:
         return math.ceil(self.train_count() / batch_size)
 
     def budgets(self) -> list[str]:
-        """The budgets this study runs: ``epochs`` and, unless ``equal_steps == 0``, ``steps``."""
+        """The budgets this study runs: `epochs` and, unless `equal_steps == 0`, `steps`."""
         return ["epochs"] if self.equal_steps == 0 else list(BUDGETS)
 
     def budget_steps(self, budget: str, batch_size: int) -> int:
-        """Optimizer steps of a run at ``batch_size`` under ``budget``."""
+        """Optimizer steps of a run at `batch_size` under `budget`."""
         if budget == "epochs":
             return self.epochs * self.steps_per_epoch(batch_size)
         if budget == "steps":
@@ -248,7 +248,7 @@ class StudyConfig:
         raise ValueError(f"Invalid budget: budget={budget!r} (choose from {BUDGETS})")
 
     def initial_lrs(self, optimizer: str, batch_size: int) -> list[float]:
-        """The first ``lr_points`` learning rates of a grid: 2x apart around its centre."""
+        """The first `lr_points` learning rates of a grid: 2x apart around its centre."""
         rule = self.lr_scaling.get(optimizer, "none")
         center = scale_lr(self.lr_centers[optimizer], batch_size, self.reference_batch_size, rule)
         low = -(self.lr_points // 2)
@@ -306,7 +306,7 @@ class StudyConfig:
         ]
 
     def seed_runs(self, budget: str, optimizer: str, batch_size: int, lr: float) -> list[RunConfig]:
-        """The reruns of the chosen ``lr`` at the ``seeds`` seeds after ``base_seed``."""
+        """The reruns of the chosen `lr` at the `seeds` seeds after `base_seed`."""
         return [
             self.run_config(budget, optimizer, batch_size, lr, self.base_seed + i)
             for i in range(1, self.seeds + 1)
@@ -368,7 +368,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(name: str, **overrides: Any) -> StudyConfig:
-    """A `StudyConfig` from preset ``name`` (``quick`` or ``full``) with ``overrides``."""
+    """A `StudyConfig` from preset `name` (`quick` or `full`) with `overrides`."""
     if name not in PRESETS:
         raise ValueError(f"Invalid preset: preset={name!r} (choose from {tuple(PRESETS)})")
     settings = dict(PRESETS[name])

@@ -28,7 +28,7 @@ CIFAR10_CACHE = Path.home() / ".cache" / "sngm-integrations"
 
 @dataclass
 class StudyData:
-    """A dataset as uint8 ``(N, C, H, W)`` images and int64 labels, with its normalization."""
+    """A dataset as uint8 `(N, C, H, W)` images and int64 labels, with its normalization."""
 
     train_images: Tensor
     train_labels: Tensor
@@ -140,7 +140,7 @@ def _cifar10(root: str | None) -> StudyData:
 
 
 def load_study_data(config: StudyConfig) -> StudyData:
-    """Load the study's dataset on the CPU (``synthetic`` makes one, the others read files)."""
+    """Load the study's dataset on the CPU (`synthetic` makes one, the others read files)."""
     if config.dataset == "fashion-mnist":
         return _fashion_mnist(config.data_root)
     if config.dataset == "cifar10":
@@ -149,13 +149,13 @@ def load_study_data(config: StudyConfig) -> StudyData:
 
 
 def split_data(data: StudyData, run: RunConfig, device: torch.device | str) -> SplitData:
-    """Cut the validation split from the training set and move everything to ``device``.
+    """Cut the validation split from the training set and move everything to `device`.
 
-    Images are resized to ``run.image_size`` when it is below the dataset's (the crop
+    Images are resized to `run.image_size` when it is below the dataset's (the crop
     padding shrinks with them).
 
-    The split depends on ``run.split_seed`` only, so every run of a study validates on the
-    same images; subsets (``train_size``, ``test_size``) are drawn the same way.
+    The split depends on `run.split_seed` only, so every run of a study validates on the
+    same images; subsets (`train_size`, `test_size`) are drawn the same way.
     """
     generator = torch.Generator().manual_seed(run.split_seed)
     available = len(data.train_labels)
@@ -198,10 +198,10 @@ def split_data(data: StudyData, run: RunConfig, device: torch.device | str) -> S
 
 
 def augment_batch(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
-    """Random crop with ``padding`` zero pixels per side and a random horizontal flip.
+    """Random crop with `padding` zero pixels per side and a random horizontal flip.
 
-    Works on a whole ``(B, C, H, W)`` batch on its device, one crop offset and one coin
-    flip per image drawn from ``generator``.
+    Works on a whole `(B, C, H, W)` batch on its device, one crop offset and one coin
+    flip per image drawn from `generator`.
     """
     batch, channels, height, width = images.shape
     device = images.device

@@ -1,7 +1,7 @@
 """The optimizers the study compares, each as the field uses it.
 
-MSGD is ``torch.optim.SGD``; LARS is timm's ``timm.optim.Lars`` (trust coefficient 0.001,
-You et al., 2017) with its parameters grouped as timm's ``create_optimizer_v2`` groups
+MSGD is `torch.optim.SGD`; LARS is timm's `timm.optim.Lars` (trust coefficient 0.001,
+You et al., 2017) with its parameters grouped as timm's `create_optimizer_v2` groups
 them, so 1-d tensors (BatchNorm, biases) are neither trust-ratio adapted nor decayed;
 SNGM is the paper's (one global norm over all parameters, weight decay folded into the
 gradient). All three get the same weight-decay groups, momentum and schedule; only the
@@ -38,7 +38,7 @@ def weight_decay_groups(
 ) -> list[dict[str, Any]]:
     """Parameter groups: tensors of 2 or more dims decayed, 1-d tensors (norms, biases) not.
 
-    With ``decay_norm_and_bias`` every tensor is decayed (one group).
+    With `decay_norm_and_bias` every tensor is decayed (one group).
     """
     params = [p for p in params if p.requires_grad]
     if decay_norm_and_bias:
@@ -57,17 +57,17 @@ def build_optimizer(
     weight_decay: float,
     decay_norm_and_bias: bool = False,
 ) -> Optimizer:
-    """Make optimizer ``name`` (``msgd``, ``lars``, ``sngm`` or ``adamw``).
+    """Make optimizer `name` (`msgd`, `lars`, `sngm` or `adamw`).
 
     Args:
         name: Which optimizer.
         params: The model's parameters.
         lr: Learning rate.
-        momentum: Momentum factor (AdamW uses it as ``beta1``).
+        momentum: Momentum factor (AdamW uses it as `beta1`).
         weight_decay: L2 penalty, folded into the gradient (AdamW uses `ADAMW_WEIGHT_DECAY`
             instead, decoupled).
         decay_norm_and_bias: Decay (and, for LARS, adapt) 1-d tensors too, as timm's
-            ``Lars`` built on all parameters does; off by default, as the field uses them.
+            `Lars` built on all parameters does; off by default, as the field uses them.
     """
     if name == "adamw":
         groups = weight_decay_groups(params, ADAMW_WEIGHT_DECAY, decay_norm_and_bias)

@@ -46,7 +46,7 @@ _T975 = (
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95% t interval (``nan`` half-width for one value)."""
+    """Mean and half-width of its 95% t interval (`nan` half-width for one value)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, math.nan
@@ -68,7 +68,7 @@ def grid_lrs(study: StudyConfig, records: Records, group: tuple[str, str, int]) 
     """The learning rates of a group's grid so far, widened while its best sits at an edge.
 
     Starts from `StudyConfig.initial_lrs`; once every lr has run, a best lr at the low
-    (high) end adds the lr half (twice) that one, at most ``study.max_widenings`` times.
+    (high) end adds the lr half (twice) that one, at most `study.max_widenings` times.
     """
     _, optimizer, batch_size = group
     lrs = study.initial_lrs(optimizer, batch_size)
@@ -91,7 +91,7 @@ def best_lr(study: StudyConfig, records: Records, group: tuple[str, str, int]) -
     """The grid lr with the highest *validation* accuracy, once the grid is final.
 
     Diverged runs come last; ties go to the smaller learning rate; the test set plays no
-    part. ``None`` while a grid run is missing or the grid is still being widened.
+    part. `None` while a grid run is missing or the grid is still being widened.
     """
     lrs = grid_lrs(study, records, group)
     grid = [_grid_record(study, records, group, lr) for lr in lrs]
@@ -107,7 +107,7 @@ def best_lr(study: StudyConfig, records: Records, group: tuple[str, str, int]) -
 def seed_records(
     study: StudyConfig, records: Records, group: tuple[str, str, int], lr: float
 ) -> list[dict[str, Any]]:
-    """The finished fresh-seed runs of ``lr`` in ``group``, in seed order."""
+    """The finished fresh-seed runs of `lr` in `group`, in seed order."""
     found = (records.get(run_key(config)) for config in study.seed_runs(*group, lr))
     return [record for record in found if record is not None]
 
@@ -143,9 +143,9 @@ def _time_to_target(runs: list[dict[str, Any]], target: float | None) -> dict[st
 def summarize(study: StudyConfig, records: Records) -> list[dict[str, Any]]:
     """One row per (budget, optimizer, batch size): grid, chosen lr, test accuracy's interval.
 
-    ``lr_at_edge`` flags a chosen lr still at an end of its grid after every widening;
-    ``widened`` counts the points added; ``grid_diverged`` the grid's diverged runs.
-    ``time_to_target`` has the median steps, images and training seconds of the seeds
+    `lr_at_edge` flags a chosen lr still at an end of its grid after every widening;
+    `widened` counts the points added; `grid_diverged` the grid's diverged runs.
+    `time_to_target` has the median steps, images and training seconds of the seeds
     that reached `target_accuracy` (epoch budget), and how many did.
     """
     target = target_accuracy(study, records)
@@ -202,7 +202,7 @@ def summarize(study: StudyConfig, records: Records) -> list[dict[str, Any]]:
 
 
 def _paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
-    """``a - b`` over their shared seeds: mean, 95% interval, significance."""
+    """`a - b` over their shared seeds: mean, 95% interval, significance."""
     a_by_seed = dict(zip(a["seed_list"], a["test_acc"], strict=True))
     b_by_seed = dict(zip(b["seed_list"], b["test_acc"], strict=True))
     shared = sorted(set(a_by_seed) & set(b_by_seed))
@@ -263,8 +263,8 @@ def _interval(mean: float, ci: float) -> str:
 def format_table(study: StudyConfig, rows: list[dict[str, Any]], budget: str) -> str:
     """A Markdown table of one budget: optimizers down, batch sizes across.
 
-    Cells are ``mean ± 95% CI (lr)``; ``*`` marks a chosen lr still at its grid's edge
-    after every widening, ``n=`` fewer fresh seeds than asked, ``d=`` diverged seeds.
+    Cells are `mean ± 95% CI (lr)`; `*` marks a chosen lr still at its grid's edge
+    after every widening, `n=` fewer fresh seeds than asked, `d=` diverged seeds.
     """
     batch_sizes = sorted(study.batch_sizes)
     header = "| optimizer | " + " | ".join(
@@ -476,7 +476,7 @@ def write_json(
     metadata: Mapping[str, Any],
     status: str,
 ) -> None:
-    """Write ``study.json``: settings, provenance, status, summary, differences, runs."""
+    """Write `study.json`: settings, provenance, status, summary, differences, runs."""
     rows = summarize(study, records)
     document = {
         "status": status,
@@ -536,11 +536,11 @@ def write_reports(
 def plot_study(out: Path, study: StudyConfig, records: Records) -> list[Path]:
     """Write the four PNG plots and return their paths.
 
-    ``accuracy_vs_batch_size.png``: test accuracy per optimizer, one panel per budget,
+    `accuracy_vs_batch_size.png`: test accuracy per optimizer, one panel per budget,
     error bars the 95% CI, markers only at the batch sizes run.
-    ``accuracy_vs_lr.png``: validation accuracy over every grid, the chosen lr circled.
-    ``train_loss.png``: training loss against optimizer steps of each chosen lr.
-    ``time_to_accuracy.png``: steps to the target validation accuracy against batch size.
+    `accuracy_vs_lr.png`: validation accuracy over every grid, the chosen lr circled.
+    `train_loss.png`: training loss against optimizer steps of each chosen lr.
+    `time_to_accuracy.png`: steps to the target validation accuracy against batch size.
     """
     import matplotlib
 

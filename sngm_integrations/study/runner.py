@@ -1,9 +1,9 @@
 """Running a study: the learning-rate grids, then the seeds of each chosen lr, resumably.
 
-Every finished run is appended to ``runs.jsonl`` in the output folder (one JSON record per
-line, keyed by `run_key`) and ``study.json`` is
+Every finished run is appended to `runs.jsonl` in the output folder (one JSON record per
+line, keyed by `run_key`) and `study.json` is
 rewritten, so a study that is killed leaves its results behind and a rerun with the same
-settings only does what is missing. With ``workers > 1`` independent runs go to a pool
+settings only does what is missing. With `workers > 1` independent runs go to a pool
 of spawned processes that share the device (on a GPU, small batches leave it idle between
 kernel launches; other processes fill those gaps).
 """
@@ -64,7 +64,7 @@ class ResultsStore:
         return key in self.records
 
     def add(self, record: dict[str, Any]) -> None:
-        """Keep ``record`` and append it to the file (flushed to disk before returning)."""
+        """Keep `record` and append it to the file (flushed to disk before returning)."""
         self.records[record["key"]] = record
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -254,7 +254,7 @@ class _PoolRunner:
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (``timeout``, a batch scheduler) into KeyboardInterrupt, to save results."""
+    """Turn SIGTERM (`timeout`, a batch scheduler) into KeyboardInterrupt, to save results."""
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -287,19 +287,19 @@ def run_study(
     plots: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> StudyResult:
-    """Run (or resume) ``study``, writing every result under ``out``.
+    """Run (or resume) `study`, writing every result under `out`.
 
     Args:
         study: What to run.
-        out: Output folder (created). Runs already in its ``runs.jsonl`` are not redone.
-        data: The dataset; loaded from ``study.dataset`` when not given.
+        out: Output folder (created). Runs already in its `runs.jsonl` are not redone.
+        data: The dataset; loaded from `study.dataset` when not given.
         progress: Show a progress bar and one line per finished run.
         plots: Write the PNG plots at the end.
         log: Where per-run lines go (default: through the progress bar, or nowhere).
 
     Returns:
         The Markdown report and the runs. On Ctrl-C or SIGTERM the results so far are
-        written, with status ``interrupted``, before KeyboardInterrupt propagates.
+        written, with status `interrupted`, before KeyboardInterrupt propagates.
     """
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -402,7 +402,7 @@ def run_study(
 
 
 def _earlier_invocations(out_dir: Path) -> list[dict[str, Any]]:
-    """The invocations recorded in an earlier ``study.json`` of this folder."""
+    """The invocations recorded in an earlier `study.json` of this folder."""
     path = out_dir / "study.json"
     if not path.exists():
         return []
@@ -414,7 +414,7 @@ def _earlier_invocations(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def reproduce_command(study: StudyConfig, out_dir: Path) -> str:
-    """A command line that reruns ``study`` into ``out_dir`` (settings that differ from the
+    """A command line that reruns `study` into `out_dir` (settings that differ from the
     matching preset are spelled out; a folder with results resumes).
     """
     from sngm_integrations.study.cli import command_line

@@ -43,7 +43,7 @@ def recalibrate_batch_norm(
 ) -> None:
     """Recompute every BatchNorm's running statistics on the first training images.
 
-    Uses ``config.bn_recalibration_images`` images (none: left as they are), unaugmented,
+    Uses `config.bn_recalibration_images` images (none: left as they are), unaugmented,
     averaged with equal weight per batch.
     """
     count = min(config.bn_recalibration_images, len(data.train_labels))
@@ -73,7 +73,7 @@ def evaluate(
     config: RunConfig,
     batch_size: int = 2048,
 ) -> tuple[float, float]:
-    """Accuracy (in %) and mean cross-entropy of ``model`` on ``images``."""
+    """Accuracy (in %) and mean cross-entropy of `model` on `images`."""
     model.eval()
     memory_format = _memory_format(images.device)
     correct = torch.zeros((), device=images.device, dtype=torch.long)
@@ -92,12 +92,12 @@ def evaluate(
 def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -> dict[str, Any]:
     """Train one run and return its record (config, accuracies, curves, timing).
 
-    ``cpu_seconds`` is this process's CPU time for the run (all its threads): on a busy
-    machine it tells the run's cost better than the wall-clock ``seconds``.
+    `cpu_seconds` is this process's CPU time for the run (all its threads): on a busy
+    machine it tells the run's cost better than the wall-clock `seconds`.
 
     Each epoch sees every training image once (the last batch may be smaller); a run of
     more steps than whole epochs ends part-way through its last one. A run is marked
-    ``diverged`` when its training loss stops being finite (it ends there) or its last
+    `diverged` when its training loss stops being finite (it ends there) or its last
     epoch's loss is above its first step's; it is still evaluated.
     """
     device = data.train_images.device

@@ -1,8 +1,8 @@
 """An unmodified-style training script: it parses TrainingArguments with HfArgumentParser.
 
-It never imports ``hf_trainer``; run through ``python -m hf_trainer train_tiny.py ...`` it
-accepts ``--optim sngm``. It writes what the Trainer built to ``--report_file`` (one JSON
-file per process) and exits with ``--exit_code``.
+It never imports `hf_trainer`; run through `python -m hf_trainer train_tiny.py ...` it
+accepts `--optim sngm`. It writes what the Trainer built to `--report_file` (one JSON
+file per process) and exits with `--exit_code`.
 """
 
 import json
