@@ -1,11 +1,14 @@
-"""Helpers shared by the optimizer tests: the implementations to hold against each other,
-seeded gradients and flattened weights."""
+"""Helpers shared by the tests: the implementations to hold against each other, seeded
+gradients, flattened weights and a launcher for multi-process CPU runs."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -43,3 +46,20 @@ def flat(tensors: torch.nn.Module | Iterable[torch.Tensor]) -> torch.Tensor:
     if isinstance(tensors, torch.nn.Module):
         tensors = tensors.parameters()
     return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def run_cpu_ranks(
+    script: Path,
+    *args: str,
+    ranks: int = 2,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+) -> None:
+    """Run `script` with `torchrun --standalone` in `ranks` CPU processes; fail the test,
+    with the end of the output, if it fails. `env` is added to this process's environment;
+    no GPU is visible (gloo only: with one, FSDP would place its shards there)."""
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", str(ranks), str(script), *args]
+    proc = subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cpu_ranks
 
 from sngm_integrations import SNGM
 
@@ -35,23 +34,9 @@ def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     kernels (through Triton's interpreter on CPU)."""
     backend = request.param
     out = tmp_path_factory.mktemp(f"sharded_{backend}")
-    # CPU and gloo only: with a GPU visible, FSDP2 would place its shards on it.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    if backend == "triton":  # the workers' tensors are on the CPU
-        env["TRITON_INTERPRET"] = "1"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        str(WORKER),
-        str(out),
-        backend,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # The workers' tensors are on the CPU, so Triton's kernels run in its interpreter.
+    env = {"TRITON_INTERPRET": "1"} if backend == "triton" else {}
+    run_cpu_ranks(WORKER, str(out), backend, env=env)
     return out
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cpu_ranks
 
 from sngm_integrations.noise_scale import GradientNoiseScale, GradientNoiseScaleMeter
 
@@ -98,19 +97,7 @@ def test_bad_arguments_are_named() -> None:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[float]]:
     out = tmp_path_factory.mktemp("noise_scale_ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        str(WORKER),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_cpu_ranks(WORKER, str(out))
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0] == ranks[1]  # the estimate is the same on every rank
     return ranks[0]  # type: ignore[no-any-return]

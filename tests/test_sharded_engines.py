@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cpu_ranks
 
 from sngm_integrations import SNGM
 
@@ -22,16 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def run_workers(out: Path, engine: str, ranks: int = 2) -> Path:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "DS_ACCELERATOR": "cpu",
-    }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
-    cmd += ["--standalone", str(WORKER), str(out), engine]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_cpu_ranks(WORKER, str(out), engine, ranks=ranks, env={"DS_ACCELERATOR": "cpu"}, timeout=400)
     return out
 
 
@@ -161,17 +152,12 @@ def hf_zero2_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tests = Path(__file__).parent
     python_path = [str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]
     env = {
-        **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, python_path)),
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
         "DS_ACCELERATOR": "cpu",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--standalone", str(tests / "distributed" / "hf_deepspeed_worker.py"), str(out), "2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    worker_script = tests / "distributed" / "hf_deepspeed_worker.py"
+    run_cpu_ranks(worker_script, str(out), "2", env=env, timeout=400)
     return torch.load(out / "hf_zero2.pt", weights_only=False)
 
 
