@@ -20,7 +20,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_fixtures.tiny_text_task import build_dataset, build_tiny_model  # noqa: E402
+from hf_fixtures.tiny_text_task import (  # noqa: E402
+    TINY_RUN_ARGS,
+    build_dataset,
+    build_tiny_model,
+)
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import hf_trainer  # noqa: E402  (registers optim="sngm")
@@ -30,20 +34,7 @@ from sngm_integrations import SNGM  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "hf_fixtures"
 
-ARGS: dict[str, Any] = dict(
-    learning_rate=0.1,
-    weight_decay=0.05,
-    per_device_train_batch_size=8,
-    max_steps=3,
-    max_grad_norm=0.0,
-    lr_scheduler_type="constant",
-    logging_steps=1,
-    save_strategy="no",
-    report_to="none",
-    disable_tqdm=True,
-    use_cpu=True,
-    seed=0,
-)
+ARGS: dict[str, Any] = TINY_RUN_ARGS | dict(weight_decay=0.05, logging_steps=1)
 
 
 def run_python(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_fixtures.tiny_text_task import build_dataset, build_tiny_model  # noqa: E402
+from hf_fixtures.tiny_text_task import (  # noqa: E402
+    TINY_RUN_ARGS,
+    build_dataset,
+    build_tiny_model,
+)
 from transformers import (  # noqa: E402
     HfArgumentParser,
     Trainer,
@@ -42,23 +46,8 @@ FIXTURES = Path(__file__).resolve().parent / "hf_fixtures"
 
 
 def training_args(output_dir: Path, **overrides: Any) -> TrainingArguments:
-    settings: dict[str, Any] = dict(
-        output_dir=str(output_dir),
-        optim="sngm",
-        learning_rate=0.1,
-        per_device_train_batch_size=8,
-        max_steps=3,
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    settings.update(overrides)
-    return TrainingArguments(**settings)
+    settings = TINY_RUN_ARGS | dict(output_dir=str(output_dir), optim="sngm", logging_steps=1)
+    return TrainingArguments(**(settings | overrides))
 
 
 def sngm_of(trainer: Trainer) -> SNGM:

@@ -164,7 +164,7 @@ def hf_zero2_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_hf_trainer_under_deepspeed_zero2_steps_like_one_process(
     hf_zero2_result: dict, tmp_path: Path
 ) -> None:
-    from hf_fixtures.tiny_text_task import build_dataset, build_tiny_model
+    from hf_fixtures.tiny_text_task import TINY_RUN_ARGS, build_dataset, build_tiny_model
     from transformers import Trainer, TrainingArguments
 
     import hf_trainer  # noqa: F401  (registers optim="sngm")
@@ -181,19 +181,7 @@ def test_hf_trainer_under_deepspeed_zero2_steps_like_one_process(
         hf_zero2_result["deepspeed_norm"], rel=1e-5
     )
     args = TrainingArguments(
-        output_dir=str(tmp_path),
-        optim="sngm",
-        learning_rate=0.1,
-        weight_decay=0.0,
-        per_device_train_batch_size=8,
-        max_steps=3,
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
+        output_dir=str(tmp_path), optim="sngm", weight_decay=0.0, **TINY_RUN_ARGS
     )
     trainer = Trainer(model=build_tiny_model(), args=args, train_dataset=build_dataset(8))
     trainer.train()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import deepspeed  # noqa: F401  (imported for its comm module, patched below)
 import torch
-from hf_fixtures.tiny_text_task import build_dataset, build_tiny_model
+from hf_fixtures.tiny_text_task import TINY_RUN_ARGS, build_dataset, build_tiny_model
 from transformers import Trainer, TrainingArguments
 
 import hf_trainer  # noqa: F401  (registers optim="sngm")
@@ -35,21 +35,11 @@ def main() -> None:
         "gradient_clipping": "auto",
         "zero_optimization": {"stage": stage},
     }
+    run_args = TINY_RUN_ARGS | dict(
+        per_device_train_batch_size=EXAMPLES // 2, max_steps=STEPS, weight_decay=0.0
+    )
     args = TrainingArguments(
-        output_dir=str(out / "trainer"),
-        optim="sngm",
-        learning_rate=0.1,
-        weight_decay=0.0,
-        per_device_train_batch_size=EXAMPLES // 2,
-        max_steps=STEPS,
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        deepspeed=config,
+        output_dir=str(out / "trainer"), optim="sngm", deepspeed=config, **run_args
     )
     trainer = Trainer(model=build_tiny_model(), args=args, train_dataset=build_dataset(EXAMPLES))
     trainer.train()

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification
 
 VOCAB_SIZE = 50
 SEQUENCE_LENGTH = 8
+
+TINY_RUN_ARGS: dict[str, Any] = dict(
+    learning_rate=0.1,
+    per_device_train_batch_size=8,
+    max_steps=3,
+    max_grad_norm=0.0,
+    lr_scheduler_type="constant",
+    save_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+    use_cpu=True,
+    seed=0,
+)
+"""`TrainingArguments` settings for a short, deterministic CPU run: a constant lr, no
+clipping, nothing saved or reported."""
 
 
 def build_tiny_model(seed: int = 0) -> BertForSequenceClassification:
