@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader
 from lightning_callbacks._clipping import warn_if_norm_clipping
 from lightning_callbacks.param_groups import weight_decay_param_groups
 from sngm_integrations import SNGM
+from sngm_integrations.comm_hooks import BucketSquaredNorms, squared_norm_allreduce_hook
 from sngm_integrations.schedules import (
     WarmupDecayLR,
     check_scaling_rule,
@@ -152,7 +155,7 @@ class SNGMMixin(_MixinBase):
     `configure_optimizers` returns the dict form with a scheduler stepped every optimizer
     step. Each choice is a small method a subclass can override without copying the rest:
     `sngm_hyperparameters`, `sngm_param_groups`, `sngm_optimizer`,
-    `sngm_process_group`, `sngm_per_device_batch_size`,
+    `sngm_process_group`, `sngm_allreduce_norms`, `sngm_per_device_batch_size`,
     `sngm_learning_rate` and `sngm_lr_scheduler`.
 
     The hyperparameters are checked when `self.save_hyperparameters()` runs, so a bad
@@ -227,6 +230,7 @@ class SNGMMixin(_MixinBase):
             nesterov=hparams.nesterov,
             normalize=hparams.normalize,
             process_group=self.sngm_process_group(),
+            allreduce_norms=self.sngm_allreduce_norms(),
         )
 
     def sngm_process_group(self) -> dist.ProcessGroup | None:
@@ -237,6 +241,27 @@ class SNGMMixin(_MixinBase):
         FSDP1's hybrid sharding to return the intra-node shard group, which SNGM cannot see.
         """
         return None
+
+    def sngm_allreduce_norms(self) -> BucketSquaredNorms | None:
+        """The norms the DDP all-reduce measures, when the strategy all-reduces through
+        `squared_norm_allreduce_hook`: SNGM then takes its norm from them.
+
+        That is `DDPStrategy(ddp_comm_state=BucketSquaredNorms(),
+        ddp_comm_hook=squared_norm_allreduce_hook)`. Lightning registers DDP comm hooks on
+        CUDA devices only; on the others this registers the strategy's hook itself.
+        """
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, DDPStrategy):
+            return None
+        norms = strategy._ddp_comm_state
+        if strategy._ddp_comm_hook is not squared_norm_allreduce_hook or not isinstance(
+            norms, BucketSquaredNorms
+        ):
+            return None
+        model = strategy.model
+        if strategy.root_device.type != "cuda" and isinstance(model, DistributedDataParallel):
+            model.register_comm_hook(norms, squared_norm_allreduce_hook)
+        return norms
 
     def sngm_per_device_batch_size(self) -> int:
         """Samples per device per forward pass: `hparams.batch_size`, else the loader's."""

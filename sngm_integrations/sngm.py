@@ -20,6 +20,7 @@ kernel). Fused steps of CUDA tensors go to SNGM's own Triton kernels first
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -41,6 +42,7 @@ from sngm_integrations.distributed import (
 from sngm_integrations.norms import accumulation_dtype, decayed_squared_norms, squared_norms
 
 if TYPE_CHECKING:
+    from sngm_integrations.comm_hooks import BucketSquaredNorms
     from sngm_integrations.triton_sngm import PlanCache
 
 __all__ = ["SNGM", "SNGMParamGroup", "SNGMStepStats", "sngm"]
@@ -167,6 +169,15 @@ class SNGM(Optimizer):
             DeepSpeed ZeRO 0-3 and DTensor (FSDP2) parameters by itself (see
             docs/sharded-engines.md), and DDP needs none. Kept by `copy.deepcopy`; a
             pickled optimizer has none.
+        allreduce_norms: The `comm_hooks.BucketSquaredNorms` of a DDP model that
+            all-reduces through `comm_hooks.squared_norm_allreduce_hook`: a step then
+            divides by the squared norm the hook measured instead of reading the gradients
+            once more, when that norm is still the one of the gradients the step uses (the
+            same parameters, no gradient written since the all-reduce) and no group has
+            weight decay (the norm of `g + λw` reads `g` and `w` whatever else is known).
+            Otherwise the step measures the norm itself and warns once per reason;
+            `allreduce_norm_steps` counts the steps that took the hook's norm. Kept by
+            `copy.deepcopy`; a pickled optimizer has none.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -190,6 +201,7 @@ class SNGM(Optimizer):
         fused: bool | None = None,
         fused_backend: str = "auto",
         process_group: dist.ProcessGroup | None = None,
+        allreduce_norms: BucketSquaredNorms | None = None,
     ) -> None:
         _validate_hyperparameters(lr, momentum, weight_decay, nesterov, normalize, eps)
         _validate_implementation(foreach, fused, fused_backend, normalize)
@@ -197,6 +209,11 @@ class SNGM(Optimizer):
             raise ValueError(
                 "normalize='layer' cannot be used with process_group (flat-sharded "
                 "parameters): a shard's norm is not its tensor's norm"
+            )
+        if allreduce_norms is not None and normalize == "layer":
+            raise ValueError(
+                "normalize='layer' cannot be used with allreduce_norms: the hook measures "
+                "the norm of the whole gradient, not of each tensor"
             )
         defaults = dict(
             lr=lr,
@@ -210,6 +227,9 @@ class SNGM(Optimizer):
             fused=fused,
         )
         self.process_group = process_group
+        self.allreduce_norms = allreduce_norms
+        self.allreduce_norm_steps = 0
+        self._allreduce_warnings: set[str] = set()
         self.fused_backend = fused_backend
         # Held in a dict that step() writes into: torch.compile loses (or refuses) an
         # attribute assigned on the optimizer inside a traced step, but keeps dict writes.
@@ -274,6 +294,9 @@ class SNGM(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("allreduce_norms", None)
+        self.__dict__.setdefault("allreduce_norm_steps", 0)
+        self.__dict__.setdefault("_allreduce_warnings", set())
         self.__dict__.setdefault("fused_backend", "auto")
         self.__dict__.setdefault("_last_step", {"grad_norm": None})
         self.__dict__.setdefault("_triton_plans", None)
@@ -288,17 +311,21 @@ class SNGM(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
         state["fused_backend"] = self.fused_backend
-        # Process groups cannot be pickled; a plan holds device pointers, rebuilt on demand.
+        # Process groups (and the hook's state, which holds a lock) cannot be pickled; a
+        # plan holds device pointers, rebuilt on demand.
         state["process_group"] = None
+        state["allreduce_norms"] = None
         state["_triton_plans"] = None
         return state
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SNGM:
-        """A deep copy that keeps the process group (a handle, not state, and not copyable)."""
+        """A deep copy that keeps the process group and the hook's state (handles, not state,
+        and not copyable)."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         new.process_group = self.process_group
+        new.allreduce_norms = self.allreduce_norms
         return new
 
     @property
@@ -411,6 +438,7 @@ class SNGM(Optimizer):
             groups,
             normalize=first["normalize"],
             eps=first["eps"],
+            squared_norm=self._allreduce_squared_norm(groups),
             process_group=plan.process_group,
             foreach=foreach,
             fused=fused,
@@ -420,6 +448,28 @@ class SNGM(Optimizer):
         self._last_step["grad_norm"] = stats.grad_norm
         plan.finish()
         return loss
+
+    def _allreduce_squared_norm(self, groups: Sequence[SNGMParamGroup]) -> Tensor | None:
+        """The hook's squared norm when it is this step's `||d||^2`, else None (warning once
+        per reason)."""
+        norms = self.allreduce_norms
+        if norms is None or torch.compiler.is_compiling():
+            return None
+        reason: str | None
+        if any(group.weight_decay != 0.0 for group in groups):
+            reason = "weight decay is on: the norm of g + weight_decay * w is measured here"
+        else:
+            reason = norms.mismatch([p for group in self.param_groups for p in group["params"]])
+        if reason is None and norms.global_sq is not None:
+            self.allreduce_norm_steps += 1
+            return norms.global_sq
+        if reason is not None and reason not in self._allreduce_warnings:
+            self._allreduce_warnings.add(reason)
+            warnings.warn(
+                f"SNGM(allreduce_norms=...) measures the gradient norm itself: {reason}",
+                stacklevel=3,
+            )
+        return None
 
 
 def _may_use_triton(
@@ -485,6 +535,7 @@ def sngm(
     *,
     normalize: str = "global",
     eps: float = 1e-8,
+    squared_norm: Tensor | None = None,
     process_group: dist.ProcessGroup | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
@@ -498,11 +549,19 @@ def sngm(
     implementation, and each group's `skip_counters` (when given) are incremented if the
     norm is not finite. `triton_plans` (a `triton_sngm.PlanCache`) keeps the Triton
     kernels' pointer tables from one step to the next; without it they are rebuilt.
+    `squared_norm`, when the caller has measured it (a DDP comm hook's total, say), is
+    `||d||^2` over every group (already reduced across ranks): the step divides by its
+    root and reads no gradient to measure it. Only with `normalize="global"`.
 
     Returns:
         The step's gradient norm and whether it was skipped, as device tensors.
     """
     _validate_implementation(foreach, fused, fused_backend, normalize)
+    if squared_norm is not None and normalize != "global":
+        raise ValueError(
+            f"squared_norm is the norm of the whole step: it needs normalize='global', "
+            f"got normalize={normalize!r}"
+        )
     for group in groups:
         if len(group.momentum_buffers) not in (0, len(group.params)) or (
             group.momentum != 0.0 and not group.momentum_buffers
@@ -516,6 +575,7 @@ def sngm(
         groups,
         normalize=normalize,
         eps=eps,
+        squared_norm=squared_norm,
         process_group=process_group,
         foreach=foreach,
         fused=fused,
@@ -529,6 +589,7 @@ def _dispatch(
     *,
     normalize: str,
     eps: float,
+    squared_norm: Tensor | None,
     process_group: dist.ProcessGroup | None,
     foreach: bool | None,
     fused: bool | None,
@@ -541,7 +602,7 @@ def _dispatch(
         from sngm_integrations import triton_sngm
 
         taken = triton_sngm.fused_step(
-            groups, normalize, eps, process_group, fused_backend, triton_plans
+            groups, normalize, eps, process_group, fused_backend, triton_plans, squared_norm
         )
         if taken is not None:
             return SNGMStepStats(*taken)
@@ -564,7 +625,7 @@ def _dispatch(
     # The CPU kernel takes weight decay itself and its norm comes from dot products, so
     # there `d` is never written; elsewhere it is formed once, into new tensors.
     directions = _descent_directions(groups, materialize=not (fused_kernel and on_host))
-    scale = _compute_scale(groups, directions, normalize, eps, process_group)
+    scale = _compute_scale(groups, directions, normalize, eps, process_group, squared_norm)
     steps = _bucket_steps(groups, buckets, directions, scale)
     if fused_kernel:
         _fused_sngm(steps, scale, on_host)
@@ -624,6 +685,7 @@ def _compute_scale(
     normalize: str,
     eps: float,
     process_group: dist.ProcessGroup | None,
+    squared_norm: Tensor | None,
 ) -> _Scale:
     vectors = [v for group_vectors in directions.vectors for v in group_vectors]
     report_dtype = accumulation_dtype(vectors)
@@ -637,6 +699,30 @@ def _compute_scale(
         inverse = torch.where(finite, norms.clamp(min=eps).reciprocal(), 0.0).to(report_dtype)
         grad_norm = norms.square().sum().sqrt().to(report_dtype)
         return _Scale(grad_norm, finite, (~finite).to(torch.float32), list(inverse.unbind()), None)
+    if squared_norm is not None:
+        device = local_tensor(vectors[0]).device
+        norm = squared_norm.to(device, torch.float64, non_blocking=True).sqrt()
+    else:
+        norm = _measured_norm(groups, directions, process_group)
+    finite = torch.isfinite(norm)
+    inverse = torch.where(finite, norm.clamp(min=eps).reciprocal(), 0.0)
+    host_inverse = float(inverse) if norm.device.type == "cpu" and _on_host(vectors) else None
+    return _Scale(
+        norm.to(report_dtype),
+        finite,
+        (~finite).to(torch.float32),
+        [inverse.to(report_dtype)],
+        host_inverse,
+    )
+
+
+def _measured_norm(
+    groups: Sequence[SNGMParamGroup],
+    directions: _Directions,
+    process_group: dist.ProcessGroup | None,
+) -> Tensor:
+    """`||d||` over every group, reduced across shards, in float64 on the first tensor's device."""
+    vectors = [v for group_vectors in directions.vectors for v in group_vectors]
     local_squares = None
     if not all(directions.decay_folded):
         local_squares = torch.cat(
@@ -658,17 +744,7 @@ def _compute_scale(
                 )
             ]
         )
-    norm = global_squared_norm(vectors, process_group, local_squares).sqrt()
-    finite = torch.isfinite(norm)
-    inverse = torch.where(finite, norm.clamp(min=eps).reciprocal(), 0.0)
-    host_inverse = float(inverse) if norm.device.type == "cpu" and _on_host(vectors) else None
-    return _Scale(
-        norm.to(report_dtype),
-        finite,
-        (~finite).to(torch.float32),
-        [inverse.to(report_dtype)],
-        host_inverse,
-    )
+    return global_squared_norm(vectors, process_group, local_squares).sqrt()
 
 
 def _on_host(tensors: Sequence[Tensor]) -> bool:

@@ -405,6 +405,7 @@ def fused_step(
     process_group: dist.ProcessGroup | None,
     backend: str,
     cache: PlanCache | None,
+    known_squared_norm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """Take SNGM's step with these kernels, or return None when they cannot take it.
 
@@ -413,6 +414,7 @@ def fused_step(
     nothing is materialized and `p.grad` is left as it was; the update kernels also count
     skipped steps into the groups' skip counters and write the norm and skip flag out.
     With `backend="triton"` a step the kernels cannot take raises a RuntimeError instead.
+    Given `known_squared_norm` (the caller's `||d||^2`, see `sngm`), no norm kernel runs.
 
     Returns:
         The step's gradient norm and skip flag (float32 device tensors), or None.
@@ -421,12 +423,10 @@ def fused_step(
     if plans is None:
         return None
     device = local_tensor(groups[0].grads[0]).device
-    coefficient = [-g.weight_decay if g.maximize else g.weight_decay for g in groups]
-    local_sums = []
-    for class_groups, class_plans in plans:
-        sums = [squared_norm(plan, coefficient[i]) for i, plan in class_plans]
-        local_sums.append((class_groups, sum_on(sums, device)))
-    squared = all_reduce_and_sum(local_sums, device)
+    if known_squared_norm is not None:
+        squared = known_squared_norm.to(device, torch.float64, non_blocking=True)
+    else:
+        squared = _squared_global_norm(groups, plans, device)
     stats = torch.empty(2, dtype=torch.float32, device=device)  # the norm and the skip flag
     stats_written = False
     for _, class_plans in plans:
@@ -449,6 +449,18 @@ def fused_step(
             stats_written |= write_stats
     norm, found_inf = stats.unbind()
     return norm, found_inf
+
+
+def _squared_global_norm(
+    groups: Sequence[SNGMParamGroup], plans: _StepPlan, device: torch.device
+) -> Tensor:
+    """`||d||^2` over every bucket: one norm launch per bucket, then the classes' reduction."""
+    coefficient = [-g.weight_decay if g.maximize else g.weight_decay for g in groups]
+    local_sums = []
+    for class_groups, class_plans in plans:
+        sums = [squared_norm(plan, coefficient[i]) for i, plan in class_plans]
+        local_sums.append((class_groups, sum_on(sums, device)))
+    return all_reduce_and_sum(local_sums, device)
 
 
 def _step_plan(

@@ -15,12 +15,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_callbacks import SNGMHyperparameters, SNGMMixin, SNGMMonitor
 from lightning_callbacks.param_groups import weight_decay_param_groups
 from sngm_integrations import SNGM
+from sngm_integrations.comm_hooks import BucketSquaredNorms, squared_norm_allreduce_hook
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 import noise_scale_worker as noise_problem  # noqa: E402
@@ -432,6 +434,7 @@ class SaveFinalState(Callback):
             "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
             "logged_grad_norm": trainer.callback_metrics["sngm/grad_norm"].clone(),
             "lr": trainer.optimizers[0].param_groups[0]["initial_lr"],
+            "allreduce_norm_steps": trainer.optimizers[0].allreduce_norm_steps,
         }
         torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
 
@@ -470,6 +473,37 @@ def test_ddp_spawn_ranks_match_one_process_on_the_global_batch(tmp_path: Path) -
         for name, value in expected["weights"].items():
             assert torch.equal(state["weights"][name], ranks[0]["weights"][name]), name
             torch.testing.assert_close(state["weights"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_comm_hook_gives_sngm_its_norm_and_the_same_steps(tmp_path: Path) -> None:
+    """DDPStrategy(ddp_comm_hook=squared_norm_allreduce_hook) on 2 CPU processes: SNGM
+    takes every step's norm from the all-reduce and ends where it ends without the hook."""
+    hparams = dict(weight_decay=0.0)
+    runs = {
+        "plain": DDPStrategy(start_method="spawn"),
+        "hooked": DDPStrategy(
+            start_method="spawn",
+            ddp_comm_state=BucketSquaredNorms(),
+            ddp_comm_hook=squared_norm_allreduce_hook,
+        ),
+    }
+    for name, strategy in runs.items():
+        trainer = make_trainer(
+            tmp_path,
+            strategy=strategy,
+            devices=2,
+            max_steps=3,
+            log_every_n_steps=1,
+            callbacks=[SNGMMonitor(noise_scale=False), SaveFinalState(tmp_path / name)],
+        )
+        trainer.fit(TinyRegression(**hparams), datamodule=TinyData(batch_size=4))
+    for rank in (0, 1):
+        plain = torch.load(tmp_path / "plain" / f"rank{rank}.pt")
+        hooked = torch.load(tmp_path / "hooked" / f"rank{rank}.pt")
+        assert (plain["allreduce_norm_steps"], hooked["allreduce_norm_steps"]) == (0, 3)
+        torch.testing.assert_close(hooked["logged_grad_norm"], plain["logged_grad_norm"])
+        for name, value in plain["weights"].items():
+            torch.testing.assert_close(hooked["weights"][name], value, rtol=1e-6, atol=1e-6)
 
 
 # --- SNGMMonitor with any optimizer, the noise scale, several monitors -------------------

@@ -358,3 +358,49 @@ def test_compiled_step_leaves_the_state_eager_leaves(implementation: str) -> Non
     torch.testing.assert_close(flat(compiled_params), flat(eager_params), rtol=1e-5, atol=1e-6)
     for p, q in zip(eager_params, compiled_params, strict=True):
         assert eager.state[p].keys() == compiled.state[q].keys()
+
+
+@pytest.mark.parametrize("config", ["plain", "weight-decay", "nesterov-weight-decay"])
+@pytest.mark.parametrize("implementation", ALL)
+def test_a_given_squared_norm_is_the_one_divided_by(implementation: str, config: str) -> None:
+    """`sngm(squared_norm=...)` takes the caller's `||d||^2`: the measured one gives the
+    optimizer's step, four times it a step half as long (from a zero momentum buffer)."""
+    hyper = CONFIGS[config]
+    measured, optimizer = run(implementation, steps=1, **hyper)
+    wanted_norm = optimizer.last_grad_norm
+    assert wanted_norm is not None
+    start = make_params()
+    for factor, shrink in ((1.0, 1.0), (4.0, 0.5)):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in start]
+        set_grads(params, seed=0)
+        squared = (wanted_norm.double() ** 2 * factor).reshape(())
+        param_groups = [
+            sngm_module.SNGMParamGroup(
+                params=[p.detach() for p in part],
+                grads=[p.grad for p in part],
+                momentum_buffers=[torch.zeros_like(p) for p in part],
+                lr=lr,
+                momentum=0.9,
+                weight_decay=hyper.get("weight_decay", 0.0),
+                nesterov=hyper.get("nesterov", False),
+            )
+            for part, lr in ((params[:2], 0.1), (params[2:], 0.05))
+        ]
+        stats = sngm_module.sngm(param_groups, squared_norm=squared, **ALL[implementation])
+        torch.testing.assert_close(stats.grad_norm, wanted_norm * factor**0.5)
+        for p, q, p0 in zip(params, measured, start, strict=True):
+            torch.testing.assert_close(p0 - p, shrink * (p0 - q), rtol=1e-5, atol=1e-6)
+
+
+def test_a_given_squared_norm_needs_the_global_norm() -> None:
+    params = make_params()
+    set_grads(params, seed=0)
+    group = sngm_module.SNGMParamGroup(
+        params=[p.detach() for p in params],
+        grads=[p.grad for p in params],
+        momentum_buffers=[],
+        lr=0.1,
+        momentum=0.0,
+    )
+    with pytest.raises(ValueError, match="normalize='layer'"):
+        sngm_module.sngm([group], normalize="layer", squared_norm=torch.tensor(1.0))

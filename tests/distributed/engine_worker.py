@@ -11,7 +11,6 @@ ENGINE is "deepspeed", "fsdp1" or "fsdp1-hybrid" (the last on 4 ranks).
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sharded_sngm_worker import STEPS, batch, full_model  # noqa: E402
+from teardown import finish  # noqa: E402
 
 from sngm_integrations import SNGM, ShardingError  # noqa: E402
 
@@ -196,11 +196,7 @@ def main() -> None:
                 fsdp1_run(out, strategy, use_orig_params, 2 if use_orig_params else 1)
         for use_orig_params in (True, False):
             fsdp1_run(out, "FULL_SHARD", use_orig_params, 1, frozen=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish()
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ Usage: python -m torch.distributed.run --nproc_per_node 2 hf_deepspeed_worker.py
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import deepspeed  # noqa: F401  (imported for its comm module, patched below)
 import torch
 from hf_fixtures.tiny_text_task import TINY_RUN_ARGS, build_dataset, build_tiny_model
+from teardown import finish
 from transformers import Trainer, TrainingArguments
 
 import hf_trainer  # noqa: F401  (registers optim="sngm")
@@ -62,10 +62,7 @@ def main() -> None:
             },
             out / f"hf_zero{stage}.pt",
         )
-    torch.distributed.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish()
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ Usage: python -m torch.distributed.run --nproc_per_node 2 noise_scale_worker.py 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from teardown import finish
 from torch.nn.parallel import DistributedDataParallel
 
 from sngm_integrations.noise_scale import GradientNoiseScaleMeter
@@ -75,9 +75,7 @@ def main() -> None:
         "ddp_sigma_change": run(400, 32, 1, [1.0, 3.0], rank, ddp=True),
     }
     torch.save(results, out / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    finish()
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ BACKEND is SNGM's fused_backend ("auto" by default; "triton" on CPU needs TRITON
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from teardown import finish
 
 import sngm_integrations.distributed as sngm_distributed
 from sngm_integrations import SNGM
@@ -149,13 +149,7 @@ def main() -> None:
     flat_shards(rank, out)
     fsdp2(rank, out, "global")
     fsdp2(rank, out, "layer")
-    dist.destroy_process_group()
-    # Every result is saved. Skip native teardown: about one run in ten under Triton's
-    # interpreter aborts in a C++ static destructor at exit ("terminate called without
-    # an active exception"), after the work is done.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish()
 
 
 if __name__ == "__main__":
