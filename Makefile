@@ -33,7 +33,7 @@ TF447 := $(VENV)/transformers-4.47
 test-transformers-4.47: setup
 	$(PY) -m pip install -q --target $(TF447) --no-deps transformers==4.47.1 \
 	  huggingface_hub==0.26.5 tokenizers==0.21.0 datasets==3.2.0
-	PYTHONPATH=$(TF447) $(PY) -m pytest tests/test_hf_trainer.py tests/test_hf_routes.py -q -p no:cacheprovider
+	PYTHONPATH=$(abspath $(TF447)) $(PY) -m pytest tests/test_hf_trainer.py tests/test_hf_routes.py -q -p no:cacheprovider
 
 lint: setup
 	bash .ci/lint.sh

@@ -34,11 +34,13 @@ from accelerate.utils import (
     set_seed,
 )
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from sngm_integrations import SNGM
-from sngm_integrations.noise_scale import GradientNoiseScaleMeter
+from sngm_integrations.comm_hooks import BucketSquaredNorms, squared_norm_allreduce_hook
+from sngm_integrations.noise_scale import GradientNoiseScale, GradientNoiseScaleMeter
 from sngm_integrations.schedules import SCHEDULES, warmup_decay_schedule
 from sngm_integrations.vision import load_fashion_mnist, resnet20
 
@@ -85,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="optimizer steps to train for; overrides --epochs",
+    )
+    parser.add_argument(
+        "--comm-hook",
+        action="store_true",
+        help="DDP only: all-reduce through squared_norm_allreduce_hook, which measures the "
+        "gradient norms on the way: SNGM takes its norm from it (with --weight-decay 0) and "
+        "the noise scale needs no pass of its own",
     )
     parser.add_argument(
         "--subset", type=int, default=0, help="train on the first N training images (0: all 60,000)"
@@ -229,14 +238,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     effective_batch = args.per_device_batch * accelerator.num_processes * args.grad_accum
     # The gradient noise scale, from the micro-batches and processes' local gradients
-    # against the accumulated, all-reduced one (replicated parameters only).
-    meter = None
-    if effective_batch > args.per_device_batch and accelerator.distributed_type in (
+    # against the accumulated, all-reduced one (replicated parameters only); with the comm
+    # hook, from each process's accumulated gradient against the all-reduced one.
+    meter: GradientNoiseScaleMeter | None = None
+    hook_noise: GradientNoiseScale | None = None
+    norms = None
+    if args.comm_hook:
+        if not isinstance(model, DistributedDataParallel):
+            raise SystemExit(
+                "--comm-hook needs DDP (several processes, no FSDP or DeepSpeed), got "
+                f"distributed type {accelerator.distributed_type.value} with "
+                f"{accelerator.num_processes} process(es)"
+            )
+        norms = BucketSquaredNorms()
+        model.register_comm_hook(norms, squared_norm_allreduce_hook)
+        sngm.allreduce_norms = norms
+        hook_noise = GradientNoiseScale()
+    elif effective_batch > args.per_device_batch and accelerator.distributed_type in (
         DistributedType.NO,
         DistributedType.MULTI_CPU,
         DistributedType.MULTI_GPU,
     ):
         meter = GradientNoiseScaleMeter(model.parameters())
+    noise_estimate = meter if meter is not None else hook_noise
     accelerator.print(
         f"world size {accelerator.num_processes} | "
         f"effective batch {effective_batch} = {args.per_device_batch} per device x "
@@ -272,6 +296,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 accelerator.backward(loss)
                 if meter is not None and accelerator.sync_gradients:
                     meter.measure(args.per_device_batch)
+                if hook_noise is not None and norms is not None and accelerator.sync_gradients:
+                    assert norms.global_sq is not None
+                    local_batch = args.per_device_batch * args.grad_accum
+                    hook_noise.update(
+                        norms.mean_local_sq(), local_batch, norms.global_sq, effective_batch
+                    )
                 optimizer.step()  # a no-op except on the last micro-batch of a step
                 optimizer.zero_grad()
             loss_sum += loss.detach()
@@ -290,8 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "train/grad_norm": float(sngm.last_grad_norm),
                     "epoch": epoch,
                 }
-                if meter is not None and meter.noise_scale is not None:
-                    logs["train/noise_scale"] = float(meter.noise_scale)
+                if noise_estimate is not None and noise_estimate.noise_scale is not None:
+                    logs["train/noise_scale"] = float(noise_estimate.noise_scale)
                 accelerator.log(logs, step=progress.step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['train/lr']:.4g}")
                 loss_sum.zero_()
@@ -302,7 +332,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 break
         metrics = evaluate(accelerator, model, test_loader)
         accelerator.log(metrics, step=progress.step)
-        noise = "" if meter is None else f", noise scale {float(meter.noise_scale or 0):.0f}"
+        noise = ""
+        if noise_estimate is not None:
+            noise = f", noise scale {float(noise_estimate.noise_scale or 0):.0f}"
         accelerator.print(
             f"epoch {epoch}: step {progress.step}, test loss {metrics['eval/loss']:.4f}, "
             f"test accuracy {metrics['eval/accuracy']:.4f}{noise}"
@@ -320,8 +352,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "optimizer_steps": progress.step,
         "skipped_steps": sngm.skipped_steps,
         "noise_scale": None
-        if meter is None or meter.noise_scale is None
-        else float(meter.noise_scale),
+        if noise_estimate is None or noise_estimate.noise_scale is None
+        else float(noise_estimate.noise_scale),
+        "allreduce_norm_steps": sngm.allreduce_norm_steps,
         "train_seconds": time.perf_counter() - started,
     }
     if accelerator.is_main_process:

@@ -17,13 +17,16 @@ registering anything, pass `hf_trainer_optim.get_sngm_cls_and_kwargs(args)` to
 """
 
 from hf_trainer.callback import SNGMMonitorCallback, add_sngm_monitor
+from hf_trainer.comm_hook import AllreduceNormsCallback, add_allreduce_norms
 from hf_trainer.registration import OPTIM_NAME, is_registered, register, sngm_optimizer_name
 from hf_trainer_optim import ACCEPTED_OPTIM_ARGS, get_sngm_cls_and_kwargs, parse_sngm_optim_args
 
 __all__ = [
     "ACCEPTED_OPTIM_ARGS",
     "OPTIM_NAME",
+    "AllreduceNormsCallback",
     "SNGMMonitorCallback",
+    "add_allreduce_norms",
     "add_sngm_monitor",
     "get_sngm_cls_and_kwargs",
     "is_registered",

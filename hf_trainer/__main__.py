@@ -2,8 +2,8 @@
 
 Usage:
 
-    python -m hf_trainer [--sngm-monitor] SCRIPT [ARGS...]
-    python -m hf_trainer [--sngm-monitor] -m MODULE [ARGS...]
+    python -m hf_trainer [--sngm-monitor] [--sngm-comm-hook] SCRIPT [ARGS...]
+    python -m hf_trainer [--sngm-monitor] [--sngm-comm-hook] -m MODULE [ARGS...]
     accelerate launch -m hf_trainer SCRIPT [ARGS...]
 
 The script runs as `__main__` with `sys.argv = [SCRIPT, *ARGS]` and its directory first
@@ -14,7 +14,9 @@ example (`run_glue.py`, `run_clm.py`, ...) accepts `--optim sngm`. Its exit stat
 `--sngm-monitor` (or the environment variable `SNGM_MONITOR=1`) adds
 `hf_trainer.SNGMMonitorCallback` to every `Trainer` the script builds, ahead of its
 reporters, and says at the start of training at which steps the `sngm/*` values will
-be logged.
+be logged. `--sngm-comm-hook` adds `hf_trainer.AllreduceNormsCallback`, which
+all-reduces DDP gradients through `squared_norm_allreduce_hook` (see that callback for
+when SNGM takes its norm from it).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import functools
 import os
 import runpy
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -31,12 +34,12 @@ import hf_trainer  # importing registers optim="sngm"
 from hf_trainer_optim import ACCEPTED_OPTIM_ARGS
 
 USAGE = (
-    "usage: python -m hf_trainer [--sngm-monitor] SCRIPT [ARGS...]  |  "
-    "python -m hf_trainer [--sngm-monitor] -m MODULE [ARGS...]"
+    "usage: python -m hf_trainer [--sngm-monitor] [--sngm-comm-hook] SCRIPT [ARGS...]  |  "
+    "python -m hf_trainer [--sngm-monitor] [--sngm-comm-hook] -m MODULE [ARGS...]"
 )
 MONITOR_FLAG = "--sngm-monitor"
 MONITOR_ENV = "SNGM_MONITOR"
-_MONITOR_WRAPPED_MARKER = "__sngm_monitor_wraps__"
+COMM_HOOK_FLAG = "--sngm-comm-hook"
 
 
 def help_text() -> str:
@@ -45,7 +48,9 @@ def help_text() -> str:
     return (
         f"{USAGE}\n\n{(__doc__ or '').strip()}\n\n"
         f"options (before SCRIPT):\n"
-        f"  {MONITOR_FLAG}  add the SNGM monitor to every Trainer (also: {MONITOR_ENV}=1)\n\n"
+        f"  {MONITOR_FLAG}    add the SNGM monitor to every Trainer (also: {MONITOR_ENV}=1)\n"
+        f"  {COMM_HOOK_FLAG}  all-reduce every Trainer's DDP gradients through "
+        "squared_norm_allreduce_hook\n\n"
         f"--optim_args keys for --optim sngm (comma-separated key=value):\n{keys}\n"
         "Set the learning rate with --learning_rate (an SNGM step length; transformers' "
         "default 5e-05 is an AdamW rate and warns) and weight decay with --weight_decay."
@@ -79,20 +84,39 @@ class MonitorScheduleNotice(TrainerCallback):
         print(f"SNGM monitor: sngm/* values are added to the training logs {when}", flush=True)
 
 
-def enable_monitor() -> None:
-    """Make every `Trainer` built in this process add the SNGM monitor; safe to call again."""
+def _add_to_every_trainer(name: str, add: Callable[[Trainer], object]) -> None:
+    """Make every `Trainer` built in this process call `add(trainer)` once built; adding
+    the same `name` again does nothing."""
+    marker = f"__sngm_{name}_wraps__"
+    wrapped: Any = Trainer.__init__
+    while wrapped is not None:
+        if hasattr(wrapped, marker):
+            return
+        wrapped = getattr(wrapped, "__wrapped__", None)
     original = Trainer.__init__
-    if hasattr(original, _MONITOR_WRAPPED_MARKER):
-        return
 
     @functools.wraps(original)
     def __init__(self: Trainer, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        hf_trainer.add_sngm_monitor(self)
-        self.add_callback(MonitorScheduleNotice())
+        add(self)
 
-    setattr(__init__, _MONITOR_WRAPPED_MARKER, original)
+    setattr(__init__, marker, original)
     Trainer.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _add_monitor(trainer: Trainer) -> None:
+    hf_trainer.add_sngm_monitor(trainer)
+    trainer.add_callback(MonitorScheduleNotice())
+
+
+def enable_monitor() -> None:
+    """Make every `Trainer` built in this process add the SNGM monitor; safe to call again."""
+    _add_to_every_trainer("monitor", _add_monitor)
+
+
+def enable_comm_hook() -> None:
+    """Make every `Trainer` built in this process add an `AllreduceNormsCallback`."""
+    _add_to_every_trainer("comm_hook", hf_trainer.add_allreduce_norms)
 
 
 def main(argv: list[str]) -> None:
@@ -105,12 +129,17 @@ def main(argv: list[str]) -> None:
         print(help_text(), file=sys.stderr if not argv else sys.stdout)
         raise SystemExit(2 if not argv else 0)
     monitor = os.environ.get(MONITOR_ENV, "").lower() in ("1", "true", "yes")
-    if argv[0] == MONITOR_FLAG:
-        monitor, argv = True, argv[1:]
+    comm_hook = False
+    while argv and argv[0] in (MONITOR_FLAG, COMM_HOOK_FLAG):
+        flag, argv = argv[0], argv[1:]
+        monitor |= flag == MONITOR_FLAG
+        comm_hook |= flag == COMM_HOOK_FLAG
         if not argv:
-            raise SystemExit(f"{USAGE}\nerror: {MONITOR_FLAG} needs a SCRIPT or -m MODULE")
+            raise SystemExit(f"{USAGE}\nerror: {flag} needs a SCRIPT or -m MODULE")
     if monitor:
         enable_monitor()
+    if comm_hook:
+        enable_comm_hook()
     if argv[0] == "-m":
         if len(argv) < 2:
             raise SystemExit(f"{USAGE}\nerror: -m needs a module name")

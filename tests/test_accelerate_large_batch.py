@@ -104,6 +104,42 @@ def test_two_processes_with_accumulation_match_one_process_with_the_whole_batch(
 
 
 @pytest.mark.slow
+def test_comm_hook_gives_sngm_its_norm_and_the_noise_scale(tmp_path: Path) -> None:
+    """--comm-hook on 2 processes: every step's norm comes from the all-reduce, the weights
+    are those of one process with the whole batch, and the noise scale is measured."""
+    no_decay = ("--weight-decay", "0")
+    launch(tmp_path / "one", *no_decay, "--per-device-batch", str(4 * MICRO_BATCH))
+    hooked = launch(
+        tmp_path / "hooked", *no_decay, "--comm-hook",
+        "--per-device-batch", str(MICRO_BATCH), "--grad-accum", "2",
+        processes=2,
+    )  # fmt: skip
+    assert "measures the gradient norm itself" not in hooked.stderr
+    metrics = json.loads((tmp_path / "hooked" / "metrics.json").read_text())
+    assert metrics["allreduce_norm_steps"] == 6
+    assert math.isfinite(metrics["noise_scale"])
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["allreduce_norm_steps"] == 0
+    assert_same_parameters(
+        final_parameters(tmp_path / "hooked"), final_parameters(tmp_path / "one"), atol=1e-5
+    )
+
+
+def test_comm_hook_without_ddp_is_refused_by_name(tmp_path: Path) -> None:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable,
+        str(EXAMPLE),
+        *TINY_RUN,
+        "--comm-hook",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--comm-hook needs DDP" in result.stderr
+
+
+@pytest.mark.slow
 def test_resume_from_a_mid_epoch_checkpoint_continues_exactly(
     two_process_run: tuple[Path, str], tmp_path: Path
 ) -> None:

@@ -553,6 +553,45 @@ def test_torchrun_m_hf_trainer_trains_with_sngm_on_two_processes(tmp_path: Path)
     assert reports[0]["parameters"] == reports[1]["parameters"]
 
 
+@pytest.mark.slow
+def test_sngm_comm_hook_flag_hooks_ddp_on_two_processes(tmp_path: Path) -> None:
+    """`torchrun -m hf_trainer --sngm-comm-hook` all-reduces through the hook; SNGM takes
+    its norm from it unless the Trainer writes the gradients after the all-reduce (every
+    step in the transformers releases that log the norm through `clip_grad_norm_`)."""
+    reports, stderr = {}, {}
+    for name, flags in (("plain", []), ("hooked", ["--sngm-comm-hook"])):
+        result = run_python(
+            "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "hf_trainer", *flags, str(FIXTURES / "train_tiny.py"),
+            "--output_dir", str(tmp_path / name),
+            "--optim", "sngm",
+            "--learning_rate", "0.05",
+            "--max_steps", "3",
+            "--max_grad_norm", "0",
+            "--gradient_accumulation_steps", "2",
+            "--per_device_train_batch_size", "4",
+            "--report_to", "none",
+            "--use_cpu",
+            "--report_file", str(tmp_path / f"{name}{{rank}}.json"),
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[name] = json.loads((tmp_path / f"{name}0.json").read_text())
+        stderr[name] = result.stderr
+    plain, hooked = reports["plain"], reports["hooked"]
+    assert hooked["global_step"] == plain["global_step"] == 3
+    assert plain["allreduce_norm_steps"] == 0
+    if hasattr(Trainer, "_get_grad_norm"):
+        assert hooked["allreduce_norm_steps"] == 0
+        assert "writes every gradient after the all-reduce" in stderr["hooked"]
+    else:
+        assert hooked["allreduce_norm_steps"] == 3
+        assert "SNGM measures" not in stderr["hooked"]
+    torch.testing.assert_close(
+        torch.tensor(hooked["parameters"]), torch.tensor(plain["parameters"]), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_cli_passes_the_exit_status_and_argv_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

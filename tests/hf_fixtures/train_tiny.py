@@ -40,6 +40,7 @@ def main() -> int:
         "group": group,
         "world_size": training_args.world_size,
         "global_step": trainer.state.global_step,
+        "allreduce_norm_steps": getattr(optimizer, "allreduce_norm_steps", None),
         "parameters": parameters.tolist(),
     }
     path = script_args.report_file.format(rank=training_args.process_index)
