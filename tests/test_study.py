@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sngm_integrations.noise_scale import GradientNoiseScale
 from sngm_integrations.study import StudyConfig, preset, run_key, run_study
 from sngm_integrations.study.cli import build_parser, command_line, main, study_from_args
 from sngm_integrations.study.data import (
@@ -30,7 +31,7 @@ from sngm_integrations.study.report import (
     paired_differences,
     summarize,
 )
-from sngm_integrations.study.train import recalibrate_batch_norm, train_run
+from sngm_integrations.study.train import probe_noise_scale, recalibrate_batch_norm, train_run
 from sngm_integrations.vision import FASHION_MNIST_DIRS, ResNet
 
 PLOTS = (
@@ -235,6 +236,41 @@ def test_batch_norm_statistics_are_recomputed_from_training_images() -> None:
     assert stem_norm.momentum == 0.1, "momentum restored"
 
 
+def test_noise_scale_probe_touches_neither_the_model_nor_its_gradients() -> None:
+    study = tiny_study()
+    config = study.run_config("epochs", "sngm", 32, 0.1, 0)
+    split = split_data(synthetic_dataset(), config, "cpu")
+    model = ResNet(1, 4)
+    first = next(model.parameters())
+    first.grad = torch.ones_like(first)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    estimator = GradientNoiseScale()
+    probe_noise_scale(model, split, config, torch.Generator().manual_seed(0), estimator)
+    assert estimator.updates == 1 and estimator.noise_scale is not None
+    assert math.isfinite(float(estimator.noise_scale))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm buffers too
+    assert torch.equal(first.grad, torch.ones_like(first))
+    assert all(p.grad is None for p in list(model.parameters())[1:])
+
+
+def test_runs_record_the_noise_scale_and_train_as_without_the_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    study = tiny_study()
+    config = study.run_config("epochs", "sngm", 32, 0.1, 0)
+    split = split_data(synthetic_dataset(), config, "cpu")
+    probed = train_run(config, split)
+    assert probed["noise_scale"] is not None and math.isfinite(probed["noise_scale"])
+    assert all("noise_scale" in point for point in probed["history"])
+    monkeypatch.setattr("sngm_integrations.study.train.probe_noise_scale", lambda *args: None)
+    unprobed = train_run(config, split)
+    assert unprobed["noise_scale"] is None
+    assert probed["train_loss"] == unprobed["train_loss"]
+    assert [p["val_acc"] for p in probed["history"]] == [p["val_acc"] for p in unprobed["history"]]
+    assert probed["test_acc"] == unprobed["test_acc"]
+
+
 def test_study_runs_grids_then_fresh_seeds_and_writes_reports_with_provenance(
     finished_study: tuple[StudyConfig, Path],
 ) -> None:
@@ -264,13 +300,23 @@ def test_study_runs_grids_then_fresh_seeds_and_writes_reports_with_provenance(
         for record in grid:
             assert len(record["history"]) == math.ceil(record["steps"] / record["steps_per_epoch"])
             assert record["history"][-1]["step"] == record["steps"]
+        measured = [
+            r["noise_scale"]
+            for r in runs
+            if r["config"]["optimizer"] == row["optimizer"]
+            and r["config"]["batch_size"] == row["batch_size"]
+            and r["config"]["steps"] == row["steps"]
+            and r["config"]["lr"] == row["best_lr"]
+            and r["config"]["seed"] in row["seed_list"]
+        ]
+        assert row["noise_scale"] == pytest.approx(sum(measured) / len(measured)), group
     csv_lines = (out / "runs.csv").read_text().splitlines()
     assert csv_lines[0].startswith("optimizer,batch_size,lr,seed,steps")
     assert len(csv_lines) == len(runs) + 1
     report = (out / "summary.md").read_text()
     for text in ("## Equal epochs", "## Equal steps", "## Paired differences", "## Conclusion",
                  "Caveat:", "Reproduce: `sngm-study --preset", "| msgd |",
-                 "CPU time of"):  # fmt: skip
+                 "CPU time of", "## Gradient noise scale"):  # fmt: skip
         assert text in report
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -146,7 +146,9 @@ def summarize(study: StudyConfig, records: Records) -> list[dict[str, Any]]:
     `lr_at_edge` flags a chosen lr still at an end of its grid after every widening;
     `widened` counts the points added; `grid_diverged` the grid's diverged runs.
     `time_to_target` has the median steps, images and training seconds of the seeds
-    that reached `target_accuracy` (epoch budget), and how many did.
+    that reached `target_accuracy` (epoch budget), and how many did. `noise_scale` is the
+    gradient noise scale `B_simple` at the end of training (see `train.probe_noise_scale`),
+    averaged over the seeds that measured it.
     """
     target = target_accuracy(study, records)
     rows = []
@@ -177,6 +179,7 @@ def summarize(study: StudyConfig, records: Records) -> list[dict[str, Any]]:
             "final_train_loss": None,
             "diverged_seeds": 0,
             "time_to_target": None,
+            "noise_scale": None,
         }
         if lr is not None:
             runs = seed_records(study, records, group, lr)
@@ -195,6 +198,9 @@ def summarize(study: StudyConfig, records: Records) -> list[dict[str, Any]]:
                     test_acc_ci=ci,
                     final_train_loss=statistics.fmean(r["train_loss"][-1] for r in runs),
                 )
+                measured = [r["noise_scale"] for r in runs if r.get("noise_scale") is not None]
+                if measured:
+                    row["noise_scale"] = statistics.fmean(measured)
                 if budget == "epochs":
                     row["time_to_target"] = _time_to_target(runs, target)
         rows.append(row)
@@ -286,6 +292,22 @@ def format_table(study: StudyConfig, rows: list[dict[str, Any]], budget: str) ->
             if row["diverged_seeds"]:
                 cell += f" d={row['diverged_seeds']}"
             line.append(cell)
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
+def format_noise_scale_table(study: StudyConfig, rows: list[dict[str, Any]], budget: str) -> str:
+    """A Markdown table of the end-of-training noise scale: optimizers down, batch sizes
+    across; `-` where no seed measured it."""
+    batch_sizes = sorted(study.batch_sizes)
+    lines = [
+        "| optimizer | " + " | ".join(f"batch {b}" for b in batch_sizes) + " |",
+        "|---" * (len(batch_sizes) + 1) + "|",
+    ]
+    cells = {(r["budget"], r["optimizer"], r["batch_size"]): r for r in rows}
+    for optimizer in study.optimizers:
+        values = [cells[(budget, optimizer, b)]["noise_scale"] for b in batch_sizes]
+        line = [optimizer] + ["-" if v is None else f"{v:,.0f}" for v in values]
         lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines)
 
@@ -404,6 +426,21 @@ def format_report(
             else "## Equal steps (every batch the same number of optimizer steps)"
         )
         parts += ["", title, "", format_table(study, rows, budget)]
+    if any(r["noise_scale"] is not None for r in rows):
+        parts += [
+            "",
+            "## Gradient noise scale at the end of training",
+            "",
+            "`B_simple = tr(Σ)/|G|²` in examples (McCandlish et al., 2018), measured after "
+            "every epoch at the weights the run reached (micro-batches of a quarter of the "
+            "run's batch against the whole batch, the last epochs' measurements averaged), "
+            "then averaged over the seeds. Past a batch of about `B_simple` a larger batch "
+            "buys ever fewer steps; a negative value means the gradient's signal was too "
+            "small against its noise to measure.",
+        ]
+        for budget in study.budgets():
+            label = "equal epochs" if budget == "epochs" else "equal steps"
+            parts += ["", f"{label}:", "", format_noise_scale_table(study, rows, budget)]
     if comparisons:
         parts += [
             "",
@@ -492,13 +529,14 @@ def write_json(
 
 _RUN_COLUMNS = (
     "optimizer", "batch_size", "lr", "seed", "steps", "val_acc", "test_acc", "val_loss",
-    "test_loss", "initial_loss", "final_train_loss", "diverged", "train_seconds", "seconds",
-    "cpu_seconds", "key",
+    "test_loss", "initial_loss", "final_train_loss", "noise_scale", "diverged",
+    "train_seconds", "seconds", "cpu_seconds", "key",
 )  # fmt: skip
 
 _SUMMARY_COLUMNS = (
     "budget", "optimizer", "batch_size", "steps", "best_lr", "lr_at_edge", "widened",
-    "val_acc", "seeds", "test_acc_mean", "test_acc_ci", "final_train_loss", "diverged_seeds",
+    "val_acc", "seeds", "test_acc_mean", "test_acc_ci", "final_train_loss", "noise_scale",
+    "diverged_seeds",
 )  # fmt: skip
 
 
@@ -537,7 +575,8 @@ def plot_study(out: Path, study: StudyConfig, records: Records) -> list[Path]:
     """Write the four PNG plots and return their paths.
 
     `accuracy_vs_batch_size.png`: test accuracy per optimizer, one panel per budget,
-    error bars the 95% CI, markers only at the batch sizes run.
+    error bars the 95% CI, markers only at the batch sizes run; beneath each, the noise
+    scale at the end of those runs against the line where the batch equals it.
     `accuracy_vs_lr.png`: validation accuracy over every grid, the chosen lr circled.
     `train_loss.png`: training loss against optimizer steps of each chosen lr.
     `time_to_accuracy.png`: steps to the target validation accuracy against batch size.
@@ -554,8 +593,10 @@ def plot_study(out: Path, study: StudyConfig, records: Records) -> list[Path]:
              enumerate(study.optimizers)}  # fmt: skip
     paths = []
 
-    figure, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
-    for axis, budget in zip(axes[0], budgets, strict=True):
+    figure, axes = plt.subplots(
+        2, len(budgets), figsize=(5 * len(budgets), 7.5), squeeze=False, sharex="col"
+    )
+    for axis, noise_axis, budget in zip(axes[0], axes[1], budgets, strict=True):
         for optimizer in study.optimizers:
             done = [
                 r
@@ -573,11 +614,11 @@ def plot_study(out: Path, study: StudyConfig, records: Records) -> list[Path]:
         axis.set_xscale("log", base=2)
         axis.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
         axis.minorticks_off()
-        axis.set_xlabel("batch size")
         axis.set_ylabel("test accuracy (%), error bars: 95% CI")
         axis.set_title("equal epochs" if budget == "epochs" else "equal steps")
         axis.grid(alpha=0.3)
         axis.legend()
+        _plot_noise_scale(noise_axis, study, rows, budget, shift)
     paths.append(_save(figure, out / "accuracy_vs_batch_size.png"))
 
     figure, axes = plt.subplots(
@@ -664,6 +705,38 @@ def plot_study(out: Path, study: StudyConfig, records: Records) -> list[Path]:
     axis.legend()
     paths.append(_save(figure, out / "time_to_accuracy.png"))
     return paths
+
+
+def _plot_noise_scale(
+    axis: Any, study: StudyConfig, rows: list[dict[str, Any]], budget: str, shift: dict[str, float]
+) -> None:
+    """The end-of-training noise scale per optimizer against batch size (positive values
+    only, on a log axis), with the line where the batch equals the noise scale."""
+    batch_sizes = sorted(study.batch_sizes)
+    for optimizer in study.optimizers:
+        measured = [
+            r
+            for r in rows
+            if r["budget"] == budget
+            and r["optimizer"] == optimizer
+            and r["noise_scale"] is not None
+            and r["noise_scale"] > 0
+        ]
+        axis.plot(
+            [r["batch_size"] * shift[optimizer] for r in measured],
+            [r["noise_scale"] for r in measured],
+            "o",
+            label=optimizer,
+        )
+    axis.plot(batch_sizes, batch_sizes, "k--", linewidth=1, label="batch = noise scale")
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    axis.minorticks_off()
+    axis.set_xlabel("batch size")
+    axis.set_ylabel("noise scale B_simple at the end (examples)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
 
 
 def _save(figure: Any, path: Path) -> Path:

@@ -6,6 +6,10 @@ training images before every evaluation, the same for every optimizer (the runni
 averages lag far behind the weights after a few large, fast-moving steps). The loop never
 waits on the device inside an epoch: the running loss is summed on the device and read
 once per epoch. On CUDA it trains in bf16 autocast with channels-last tensors.
+
+After every epoch `probe_noise_scale` measures the gradient noise scale at the current
+weights, from images drawn with a generator of its own and with the BatchNorm buffers
+put back afterwards, so the run trains and evaluates exactly as it would without it.
 """
 
 from __future__ import annotations
@@ -18,13 +22,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sngm_integrations.noise_scale import GradientNoiseScale
 from sngm_integrations.schedules import warmup_decay_schedule
 from sngm_integrations.study.config import RunConfig, run_key
 from sngm_integrations.study.data import SplitData, augment_batch
 from sngm_integrations.study.optimizers import build_optimizer
 from sngm_integrations.vision import ResNet
 
-__all__ = ["evaluate", "recalibrate_batch_norm", "train_run"]
+__all__ = ["evaluate", "probe_noise_scale", "recalibrate_batch_norm", "train_run"]
+
+NOISE_PROBE_MICRO_BATCHES = 4
+"""The probe's batch (the run's batch size) is split into this many micro-batches."""
 
 
 def _autocast(config: RunConfig, device: torch.device) -> AbstractContextManager[object]:
@@ -89,6 +97,50 @@ def evaluate(
     return 100.0 * correct.item() / len(labels), loss_sum.item() / len(labels)
 
 
+def probe_noise_scale(
+    model: nn.Module,
+    data: SplitData,
+    config: RunConfig,
+    generator: torch.Generator,
+    estimator: GradientNoiseScale,
+) -> None:
+    """Add one measurement at the current weights to `estimator` (see `noise_scale`).
+
+    A batch of `config.batch_size` augmented training images (no fewer than one per
+    micro-batch) is split into `NOISE_PROBE_MICRO_BATCHES` micro-batches: the small batch
+    is one micro-batch (`|G_b|²` averaged over them), the big one all of them. Gradients
+    come from `torch.autograd.grad`, so `.grad` is not touched; BatchNorm normalises each
+    micro-batch with its own statistics, as it would a batch of that size, and its
+    running buffers are restored.
+    """
+    device = data.train_images.device
+    micro = max(1, config.batch_size // NOISE_PROBE_MICRO_BATCHES)
+    count = micro * NOISE_PROBE_MICRO_BATCHES
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = [b.clone() for b in model.buffers()]
+    order = torch.randperm(len(data.train_labels), generator=generator, device=device)[:count]
+    memory_format = _memory_format(device)
+    total: list[Tensor] | None = None
+    small_sq = torch.zeros((), device=device, dtype=torch.float64)
+    model.train()
+    for index in torch.split(order, micro):
+        images = augment_batch(data.train_images[index], data.crop_padding, generator)
+        images = data.normalize(images).contiguous(memory_format=memory_format)
+        with _autocast(config, device):
+            logits = model(images).float()
+        loss = nn.functional.cross_entropy(logits, data.train_labels[index])
+        grads = torch.autograd.grad(loss, params)
+        small_sq += sum(torch.linalg.vector_norm(g, dtype=torch.float64).square() for g in grads)
+        total = list(grads) if total is None else [t + g for t, g in zip(total, grads, strict=True)]
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), buffers, strict=True):
+            buffer.copy_(saved)
+    assert total is not None
+    parts = NOISE_PROBE_MICRO_BATCHES
+    big_sq = sum(torch.linalg.vector_norm(t / parts, dtype=torch.float64).square() for t in total)
+    estimator.update(small_sq / parts, micro, torch.as_tensor(big_sq), count)
+
+
 def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -> dict[str, Any]:
     """Train one run and return its record (config, accuracies, curves, timing).
 
@@ -120,6 +172,8 @@ def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -
     steps_per_epoch = math.ceil(train_count / config.batch_size)
     scheduler = warmup_decay_schedule(optimizer, config.steps, config.warmup_steps, config.schedule)
     generator = torch.Generator(device=device).manual_seed(config.seed)
+    probe_generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003)
+    noise = GradientNoiseScale(ema_decay=0.5)
 
     train_loss: list[float] = []
     history: list[dict[str, Any]] = []
@@ -152,6 +206,8 @@ def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -
         images_seen += epoch_images
         train_seconds += time.perf_counter() - epoch_started
         diverged = not math.isfinite(train_loss[-1])
+        if not diverged:
+            probe_noise_scale(model, data, config, probe_generator, noise)
         recalibrate_batch_norm(model, data, config, eval_batch_size)
         val_acc, val_loss = evaluate(
             model, data, data.val_images, data.val_labels, config, eval_batch_size
@@ -164,6 +220,7 @@ def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -
                 "train_loss": train_loss[-1],
                 "val_acc": val_acc,
                 "val_loss": val_loss,
+                "noise_scale": _value(noise.noise_scale),
             }
         )
     initial_loss = float(first_loss) if first_loss is not None else math.nan
@@ -181,6 +238,7 @@ def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -
         "initial_loss": initial_loss,
         "train_loss": train_loss,
         "history": history,
+        "noise_scale": history[-1]["noise_scale"],
         "diverged": diverged,
         "steps": step,
         "steps_per_epoch": steps_per_epoch,
@@ -192,3 +250,7 @@ def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -
     if device.type == "cuda":
         record["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return record
+
+
+def _value(tensor: Tensor | None) -> float | None:
+    return None if tensor is None or not math.isfinite(float(tensor)) else float(tensor)
