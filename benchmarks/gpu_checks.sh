@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_checks.sh all     # both
 #
 # Writes gpu_log.txt (appended to), pytest_cuda.log, step_time_cuda.json,
-# step_time_cuda_graphs.json and study.tar.gz under $OUT (default: gpu_out). The study reads
+# step_time_cuda_graphs.json, step_time_cuda_allreduce_norm.json and study.tar.gz under
+# $OUT (default: gpu_out). The study reads
 # Fashion-MNIST from $FASHION_MNIST_DIR (default: .gpu_data/fashion-mnist) and takes extra
 # sngm-study arguments from $STUDY_ARGS.
 set -uo pipefail
@@ -40,6 +41,11 @@ core() {
   timeout 120 python benchmarks/step_time.py --device cuda --steps 200 --warmup 20 --cuda-graphs \
     --optimizers "SGD foreach,SGD fused,SNGM foreach,SNGM fused (default),SNGM fused + weight decay,SNGM fused torch-kernel,SNGM fused torch-kernel + weight decay" \
     --json "$OUT/step_time_cuda_graphs.json" 2>&1 | tee -a "$LOG"
+
+  section "step time with the all-reduce hook's norm (one-process DDP, --steps 200 --warmup 20)"
+  timeout 90 python benchmarks/step_time.py --device cuda --steps 200 --warmup 20 \
+    --optimizers "SGD fused,SNGM fused (default),SNGM fused with the all-reduce norm" \
+    --json "$OUT/step_time_cuda_allreduce_norm.json" 2>&1 | tee -a "$LOG"
 
   for shapes in gpt2-medium resnet50; do
     section "kernel times ($shapes)"

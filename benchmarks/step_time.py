@@ -9,6 +9,11 @@ share one set of parameters and gradients (each has its own momentum buffers) an
 in interleaved rounds, so that each sees the same machine state; the table reports the
 median milliseconds per step after warm-up and the ratio to fused SGD.
 
+The row `SNGM fused with the all-reduce norm` (asked for by name) is SNGM on a one-process DDP model whose
+gradients came from a backward pass through `squared_norm_allreduce_hook`: its steps
+divide by the norm the hook measured (checked, not recomputed), so it shows what the hook
+saves. Its gradients are the other rows' (the backward reproduces them exactly).
+
 On CUDA, `--cuda-graphs` times replays of each optimizer's step captured in a CUDA graph:
 the device's time alone, without the Python that launches the kernels.
 
@@ -22,13 +27,18 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from sngm_integrations import SNGM
+from sngm_integrations.comm_hooks import BucketSquaredNorms, squared_norm_allreduce_hook
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -85,8 +95,38 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
         ps, lr=0.1, weight_decay=5e-4, fused=True, fused_backend="torch"
     ),
 }
+HOOKED = "SNGM fused with the all-reduce norm"
 # On CPU the default fused path is torch's kernel: those rows would repeat the default's.
 CUDA_ONLY = ("SNGM fused torch-kernel", "SNGM fused torch-kernel + weight decay")
+
+
+class _Weights(nn.Module):
+    """Holds the benchmark's parameters; `forward(directions)` is `sum <w, direction>`, whose
+    gradient with respect to each weight is its direction."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList(params)
+
+    def forward(self, directions: list[torch.Tensor]) -> torch.Tensor:
+        return sum((w * d).sum() for w, d in zip(self.weights, directions, strict=True))
+
+
+def hooked_sngm(params: list[nn.Parameter], grads: list[torch.Tensor]) -> SNGM:
+    """Fill every `p.grad` with `grads` by a backward pass of a one-process DDP model that
+    all-reduces through `squared_norm_allreduce_hook`; return SNGM reading the hook's norm."""
+    device = params[0].device
+    if not dist.is_initialized():
+        store = Path(tempfile.mkdtemp(prefix="step_time_")) / "store"
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    ddp = DistributedDataParallel(_Weights(params))
+    norms = BucketSquaredNorms()
+    ddp.register_comm_hook(norms, squared_norm_allreduce_hook)
+    for p in params:
+        p.grad = None
+    ddp(grads).backward()
+    return SNGM(params, lr=0.1, allreduce_norms=norms)
 
 
 class Timer:
@@ -135,11 +175,15 @@ def bench(
     cuda_graphs: bool = False,
 ) -> dict[str, float]:
     g = torch.Generator(device=device).manual_seed(0)
-    params = [torch.randn(s, device=device, generator=g).requires_grad_() for s in shapes]
+    params = [nn.Parameter(torch.randn(s, device=device, generator=g)) for s in shapes]
     grads = [torch.randn(s, device=device, generator=g) for s in shapes]
     for p, grad in zip(params, grads, strict=False):
         p.grad = grad
-    optimizers = {name: OPTIMIZERS[name](params) for name in names}
+    hooked = hooked_sngm(params, grads) if HOOKED in names else None
+    optimizers = {
+        name: hooked if name == HOOKED and hooked is not None else OPTIMIZERS[name](params)
+        for name in names
+    }
     steps_of: dict[str, Callable[[], object]] = {n: o.step for n, o in optimizers.items()}
     if cuda_graphs:
         steps_of = dict(captured_steps(optimizers))
@@ -154,6 +198,11 @@ def bench(
                 samples[name].append((start, end))
     if device.type == "cuda":
         torch.cuda.synchronize()
+    if hooked is not None and hooked.allreduce_norm_steps != warmup + steps:
+        raise RuntimeError(
+            f"{HOOKED}: {hooked.allreduce_norm_steps} of {warmup + steps} steps took the "
+            "hook's norm"
+        )
     return {
         name: statistics.median(timer.elapsed_ms(s, e) for s, e in pairs)
         for name, pairs in samples.items()
@@ -173,7 +222,11 @@ def main() -> None:
     parser.add_argument(
         "--shapes", default=",".join(SHAPE_SETS), help=f"comma-separated, from {list(SHAPE_SETS)}"
     )
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated names")
+    parser.add_argument(
+        "--optimizers",
+        default=",".join(OPTIMIZERS),
+        help=f"comma-separated names, from {[*OPTIMIZERS, HOOKED]}",
+    )
     parser.add_argument("--steps", type=int, default=30, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -188,9 +241,9 @@ def main() -> None:
     names = args.optimizers.split(",")
     if device.type != "cuda" and args.optimizers == parser.get_default("optimizers"):
         names = [n for n in names if n not in CUDA_ONLY]
-    unknown = [n for n in names if n not in OPTIMIZERS]
+    unknown = [n for n in names if n not in OPTIMIZERS and n != HOOKED]
     if unknown:
-        parser.error(f"unknown --optimizers {unknown}; choose from {list(OPTIMIZERS)}")
+        parser.error(f"unknown --optimizers {unknown}; choose from {[*OPTIMIZERS, HOOKED]}")
     machine = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"

@@ -183,12 +183,18 @@ def fine_tune(
     train_seconds = time.perf_counter() - start
     accuracy = trainer.evaluate(held_out)["eval_accuracy"]
     print(f"{optim}: held-out accuracy {accuracy:.4f} after {trainer.state.global_step} steps")
+    noise_scales = [
+        (entry["step"], entry["sngm/noise_scale"])
+        for entry in trainer.state.log_history
+        if "sngm/noise_scale" in entry
+    ]
     return {
         "optim": optim,
         "learning_rate": learning_rate,
         "steps": trainer.state.global_step,
         "accuracy": accuracy,
         "train_seconds": train_seconds,
+        "noise_scales": noise_scales,
     }
 
 
@@ -257,6 +263,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"{result['optim']:<12} {result['learning_rate']:>8g} {result['steps']:>6d} "
             f"{result['accuracy']:>9.4f} {result['train_seconds']:>8.1f}"
         )
+    for result in results:
+        if result["noise_scales"]:
+            logged = ", ".join(
+                f"{value:.0f} (step {step})" for step, value in result["noise_scales"]
+            )
+            print(f"{result['optim']} gradient noise scale B_simple, examples: {logged}")
     return results
 
 

@@ -48,6 +48,7 @@ class AllreduceNormsCallback(TrainerCallback):
         self.trainer = trainer
         self.norms = BucketSquaredNorms()
         self.registered = False
+        self.sngm: SNGM | None = None
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -70,10 +71,20 @@ class AllreduceNormsCallback(TrainerCallback):
         rewritten = gradients_rewritten_by(self.trainer)
         if rewritten is None:
             sngm.allreduce_norms = self.norms
+            self.sngm = sngm
         else:
             logger.warning(
                 "AllreduceNormsCallback: SNGM measures its gradient norm itself: the Trainer "
                 f"writes every gradient after the all-reduce ({rewritten})"
+            )
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.sngm is not None and state.is_world_process_zero:
+            logger.info(
+                f"AllreduceNormsCallback: SNGM took its norm from the all-reduce on "
+                f"{self.sngm.allreduce_norm_steps} of {state.global_step} steps"
             )
 
 

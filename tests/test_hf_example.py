@@ -25,7 +25,8 @@ def test_example_fine_tunes_with_sngm_and_adamw_and_reports_accuracy(tmp_path: P
     cmd = [
         sys.executable, str(EXAMPLE), "--train_size", "32", "--eval_size", "32",
         "--max_length", "16", "--epochs", "1", "--per_device_train_batch_size", "8",
-        "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "out"),
+        "--gradient_accumulation_steps", "2", "--logging_steps", "1",
+        "--output_dir", str(tmp_path / "out"),
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
@@ -42,3 +43,7 @@ def test_example_fine_tunes_with_sngm_and_adamw_and_reports_accuracy(tmp_path: P
     )
     assert set(accuracies) == {"sngm", "adamw_torch"}
     assert all(0.0 <= float(a) <= 1.0 for a in accuracies.values())
+    # Accumulation gives the monitor two batch sizes: SNGM's run logs its noise scale.
+    assert re.search(
+        r"^sngm gradient noise scale B_simple, examples: -?\d+ \(step 1\), ", proc.stdout, re.M
+    )
