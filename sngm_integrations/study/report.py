@@ -432,8 +432,9 @@ def format_report(
             "## Gradient noise scale at the end of training",
             "",
             "`B_simple = tr(Σ)/|G|²` in examples (McCandlish et al., 2018), measured after "
-            "every epoch at the weights the run reached (micro-batches of a quarter of the "
-            "run's batch against the whole batch, the last epochs' measurements averaged), "
+            "every epoch at the weights the run reached (eight micro-batches of an eighth of "
+            "the run's batch against the whole batch, the epochs' measurements averaged with "
+            "weight 0.9 on the past), "
             "then averaged over the seeds. Past a batch of about `B_simple` a larger batch "
             "buys ever fewer steps; a negative value means the gradient's signal was too "
             "small against its noise to measure.",

@@ -31,7 +31,7 @@ from sngm_integrations.vision import ResNet
 
 __all__ = ["evaluate", "probe_noise_scale", "recalibrate_batch_norm", "train_run"]
 
-NOISE_PROBE_MICRO_BATCHES = 4
+NOISE_PROBE_MICRO_BATCHES = 8
 """The probe's batch (the run's batch size) is split into this many micro-batches."""
 
 
@@ -173,7 +173,7 @@ def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -
     scheduler = warmup_decay_schedule(optimizer, config.steps, config.warmup_steps, config.schedule)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     probe_generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003)
-    noise = GradientNoiseScale(ema_decay=0.5)
+    noise = GradientNoiseScale(ema_decay=0.9)
 
     train_loss: list[float] = []
     history: list[dict[str, Any]] = []
