@@ -9,8 +9,8 @@ share one set of parameters and gradients (each has its own momentum buffers) an
 in interleaved rounds, so that each sees the same machine state; the table reports the
 median milliseconds per step after warm-up and the ratio to fused SGD.
 
-The row `SNGM fused with the all-reduce norm` (asked for by name) is SNGM on a one-process DDP model whose
-gradients came from a backward pass through `squared_norm_allreduce_hook`: its steps
+The row `SNGM fused with the all-reduce norm` (asked for by name) is SNGM on a one-process
+DDP model whose gradients came from a backward pass through `squared_norm_allreduce_hook`: its steps
 divide by the norm the hook measured (checked, not recomputed), so it shows what the hook
 saves. Its gradients are the other rows' (the backward reproduces them exactly).
 
