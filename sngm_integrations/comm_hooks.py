@@ -26,6 +26,7 @@ in-place write); `mismatch` compares them with the gradients an optimizer is abo
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at run time.
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -56,8 +57,9 @@ class BucketSquaredNorms:
         self.complete = False
         self._in_backward = False
         self._params: list[Tensor] = []
-        self._written: dict[int, tuple[Tensor, int]] = {}
-        """id(param) -> (its gradient, that gradient's version) when the pass finished."""
+        self._written: dict[int, tuple[weakref.ref[Tensor], int]] = {}
+        """id(param) -> (its gradient, weakly, so that `zero_grad` frees it; that gradient's
+        version) when the pass finished."""
         # The all-reduces' callbacks may run on the process group's threads.
         self.lock = threading.Lock()
 
@@ -83,22 +85,27 @@ class BucketSquaredNorms:
         a gradient, all together) as they are now; None when it is."""
         if not self.complete:
             return "no backward pass that all-reduces through the hook has finished"
-        with_grads = [p for p in params if p.grad is not None]
-        if len(with_grads) != len(self._written) or any(
-            id(p) not in self._written for p in with_grads
-        ):
-            return (
-                f"the optimizer's {len(with_grads)} parameters with gradients are not the "
-                f"{len(self._written)} whose gradients DDP all-reduced"
-            )
-        for p in with_grads:
-            grad, version = self._written[id(p)]
-            if p.grad is not grad or grad._version != version:
+        with_grads = 0
+        for p in params:
+            if p.grad is None:
+                continue
+            with_grads += 1
+            written = self._written.get(id(p))
+            if written is None:
+                return self._other_parameters()
+            grad, version = written
+            if grad() is not p.grad or p.grad._version != version:
                 return (
                     "a gradient was written after the all-reduce (norm clipping, "
                     "GradScaler.unscale_ or zeroing)"
                 )
-        return None
+        return None if with_grads == len(self._written) else self._other_parameters()
+
+    def _other_parameters(self) -> str:
+        return (
+            "the optimizer's parameters with gradients are not the "
+            f"{len(self._written)} whose gradients DDP all-reduced"
+        )
 
     def _bucket_started(self, bucket: dist.GradBucket) -> None:  # type: ignore[name-defined]
         if not self._in_backward:
@@ -114,7 +121,9 @@ class BucketSquaredNorms:
 
     def _record_gradients(self) -> None:
         self._written = {
-            id(p): (p.grad, p.grad._version) for p in self._params if p.grad is not None
+            id(p): (weakref.ref(p.grad), p.grad._version)
+            for p in self._params
+            if p.grad is not None
         }
         self._params = []
         self._in_backward = False
