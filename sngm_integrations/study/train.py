@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sngm_integrations.noise_scale import GradientNoiseScale
+from sngm_integrations.norms import squared_norms
 from sngm_integrations.schedules import warmup_decay_schedule
 from sngm_integrations.study.config import RunConfig, run_key
 from sngm_integrations.study.data import SplitData, augment_batch
@@ -129,16 +130,19 @@ def probe_noise_scale(
         with _autocast(config, device):
             logits = model(images).float()
         loss = nn.functional.cross_entropy(logits, data.train_labels[index])
-        grads = torch.autograd.grad(loss, params)
-        small_sq += sum(torch.linalg.vector_norm(g, dtype=torch.float64).square() for g in grads)
-        total = list(grads) if total is None else [t + g for t, g in zip(total, grads, strict=True)]
+        grads = list(torch.autograd.grad(loss, params))
+        small_sq += squared_norms(grads).sum().to(device)
+        if total is None:
+            total = grads
+        else:
+            torch._foreach_add_(total, grads)
     with torch.no_grad():
         for buffer, saved in zip(model.buffers(), buffers, strict=True):
             buffer.copy_(saved)
     assert total is not None
     parts = NOISE_PROBE_MICRO_BATCHES
-    big_sq = sum(torch.linalg.vector_norm(t / parts, dtype=torch.float64).square() for t in total)
-    estimator.update(small_sq / parts, micro, torch.as_tensor(big_sq), count)
+    big_sq = squared_norms(total).sum().to(device) / parts**2
+    estimator.update(small_sq / parts, micro, big_sq, count)
 
 
 def train_run(config: RunConfig, data: SplitData, eval_batch_size: int = 2048) -> dict[str, Any]:
