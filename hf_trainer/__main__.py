@@ -88,12 +88,9 @@ def _add_to_every_trainer(name: str, add: Callable[[Trainer], object]) -> None:
     """Make every `Trainer` built in this process call `add(trainer)` once built; adding
     the same `name` again does nothing."""
     marker = f"__sngm_{name}_wraps__"
-    wrapped: Any = Trainer.__init__
-    while wrapped is not None:
-        if hasattr(wrapped, marker):
-            return
-        wrapped = getattr(wrapped, "__wrapped__", None)
     original = Trainer.__init__
+    if hasattr(original, marker):  # functools.wraps carries inner wrappers' markers outward
+        return
 
     @functools.wraps(original)
     def __init__(self: Trainer, *args: Any, **kwargs: Any) -> None:

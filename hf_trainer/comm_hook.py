@@ -47,7 +47,8 @@ class AllreduceNormsCallback(TrainerCallback):
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.norms = BucketSquaredNorms()
-        self.registered = False
+        self.hooked: DistributedDataParallel | None = None
+        """The DDP model the hook is registered on (None before training begins)."""
         self.sngm: SNGM | None = None
 
     def on_train_begin(
@@ -60,14 +61,13 @@ class AllreduceNormsCallback(TrainerCallback):
                 f"(got {type(model).__name__}): no all-reduce to measure"
             )
             return
-        if not self.registered:
+        if self.hooked is not model:  # a later train() may wrap the model anew
             model.register_comm_hook(self.norms, squared_norm_allreduce_hook)
-            self.registered = True
+            self.hooked = model
         optimizer = self.trainer.optimizer
-        if optimizer is None or not isinstance(innermost_optimizer(optimizer), SNGM):
+        sngm = None if optimizer is None else innermost_optimizer(optimizer)
+        if not isinstance(sngm, SNGM):
             return
-        sngm = innermost_optimizer(optimizer)
-        assert isinstance(sngm, SNGM)
         rewritten = gradients_rewritten_by(self.trainer)
         if rewritten is None:
             sngm.allreduce_norms = self.norms
